@@ -51,6 +51,37 @@ Q2_HD float q2_sub(float a, float b) {
 #endif
 }
 
+Q2_HD uint32_t f32_bits(float f) {
+  union {
+    float f;
+    uint32_t u;
+  } v;
+  v.f = f;
+  return v.u;
+}
+Q2_HD float bits_f32(uint32_t u) {
+  union {
+    float f;
+    uint32_t u;
+  } v;
+  v.u = u;
+  return v.f;
+}
+
+// Branch-free selects.  Every per-element choice goes through these bit masks: with
+// `c ? a : b` GCC sinks loads and arithmetic into branches and then (notably for AVX2,
+// which lacks mask registers) refuses to vectorise the loop.
+Q2_HD uint32_t mask_of(bool c) { return 0u - static_cast<uint32_t>(c); }
+Q2_HD uint32_t select_u32(bool c, uint32_t a, uint32_t b) {
+  uint32_t m = mask_of(c);
+  return (a & m) | (b & ~m);
+}
+Q2_HD float select_f32(bool c, float a, float b) {
+  return bits_f32(select_u32(c, f32_bits(a), f32_bits(b)));
+}
+// v where c holds, else +0.
+Q2_HD float keep_if(bool c, float v) { return bits_f32(f32_bits(v) & mask_of(c)); }
+
 // Round half to even (see the header comment for the range argument).
 Q2_HD float round_half_even(float v) {
   return q2_sub(q2_add(v, 12582912.0f), 12582912.0f);
@@ -109,7 +140,7 @@ Q2_HD float fq_grid(float x, float s_inv, float zp, float off) {
 Q2_HD float fq_forward(float x, float s, float s_inv, float zp, float off, float qmin,
                        float qmax) {
   float q = fq_grid(x, s_inv, zp, off);
-  float c = q < qmin ? qmin : (q > qmax ? qmax : q);
+  float c = select_f32(q < qmin, qmin, select_f32(q > qmax, qmax, q));
   return q2_add(q2_mul(q2_sub(c, zp), s), off);
 }
 
@@ -124,14 +155,13 @@ struct FqGrad {
   float dx, dscale, dclip;
 };
 
-// Branch-free (bitwise masks) so the CPU loops vectorise.
 Q2_HD FqGrad fq_backward_pact(float dy, float x, float clip) {
   FqGrad g;
   bool above = x >= clip;
   bool inside = (x >= 0.0f) & (x < clip);
-  g.dx = inside ? dy : 0.0f;
+  g.dx = keep_if(inside, dy);
   g.dscale = 0.0f;
-  g.dclip = above ? dy : 0.0f;
+  g.dclip = keep_if(above, dy);
   return g;
 }
 
@@ -145,10 +175,11 @@ Q2_HD FqGrad fq_backward_affine(float dy, float x, float s, float s_inv, float z
   bool clipped = below | above;
   float yq = q2_mul(q2_sub(q, zp), s);  // only used when inside
   float inside_term = q2_mul(q2_mul(dy, q2_sub(yq, q2_sub(x, off))), s_inv);
-  float edge = below ? q2_sub(qmin, zp) : q2_sub(qmax, zp);
-  g.dx = inside ? dy : 0.0f;
-  g.dscale = inside ? inside_term : (clipped ? q2_mul(dy, edge) : 0.0f);
-  g.dclip = clipped ? dy : 0.0f;
+  float edge = select_f32(below, q2_sub(qmin, zp), q2_sub(qmax, zp));
+  g.dx = keep_if(inside, dy);
+  // inside and clipped are exclusive, so one of the two terms is +0.
+  g.dscale = q2_add(keep_if(inside, inside_term), keep_if(clipped, q2_mul(dy, edge)));
+  g.dclip = keep_if(clipped, dy);
   return g;
 }
 
@@ -171,23 +202,6 @@ struct f16_t {
   uint16_t bits;
 };
 
-Q2_HD uint32_t f32_bits(float f) {
-  union {
-    float f;
-    uint32_t u;
-  } v;
-  v.f = f;
-  return v.u;
-}
-Q2_HD float bits_f32(uint32_t u) {
-  union {
-    float f;
-    uint32_t u;
-  } v;
-  v.u = u;
-  return v.f;
-}
-
 Q2_HD float to_f32(float v) { return v; }
 Q2_HD float to_f32(bf16_t v) { return bits_f32(static_cast<uint32_t>(v.bits) << 16); }
 Q2_HD float to_f32(f16_t v) {
@@ -197,7 +211,7 @@ Q2_HD float to_f32(f16_t v) {
   uint32_t sign = (h & 0x8000u) << 16;
   uint32_t em = h & 0x7fffu;
   float mag = q2_mul(bits_f32(em << 13), 5.192296858534828e+33f);  // 2^112
-  uint32_t bits = (em >= 0x7c00u) ? ((em << 13) | 0x7f800000u) : f32_bits(mag);
+  uint32_t bits = select_u32(em >= 0x7c00u, (em << 13) | 0x7f800000u, f32_bits(mag));
   return bits_f32(sign | bits);
 }
 
@@ -205,25 +219,22 @@ Q2_HD void from_f32(float f, float* out) { *out = f; }
 Q2_HD void from_f32(float f, bf16_t* out) {
   uint32_t u = f32_bits(f);
   uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  out->bits = static_cast<uint16_t>((f != f) ? ((u >> 16) | 0x40u) : rounded);
+  out->bits = static_cast<uint16_t>(select_u32(f != f, (u >> 16) | 0x40u, rounded));
 }
 Q2_HD void from_f32(float f, f16_t* out) {
   uint32_t u = f32_bits(f);
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t a = u & 0x7fffffffu;
-  uint32_t res;
-  if (a >= 0x7f800000u) {                   // inf or NaN
-    res = a > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  } else if (a >= 0x477ff000u) {            // rounds to >= 65520: overflow to inf
-    res = 0x7c00u;
-  } else if (a < 0x38800000u) {             // half subnormal or zero: let the FPU round
-    // Adding 0.5 aligns the half's subnormal ulp (2^-24) with the float ulp at 0.5
-    // (2^-24), so the hardware's round-to-nearest-even does the rounding.
-    res = f32_bits(q2_add(bits_f32(a), 0.5f)) - 0x3f000000u;
-  } else {                                  // normal: rebias and round the mantissa
-    uint32_t mant_odd = (a >> 13) & 1u;
-    res = (a + 0xc8000fffu + mant_odd) >> 13;  // 0xc8000000 = -(112 << 23)
-  }
+  // All candidates computed, one picked: branch-free for the vectoriser.
+  uint32_t inf_nan = select_u32(a > 0x7f800000u, 0x7e00u, 0x7c00u);
+  // Half subnormal or zero: adding 0.5 aligns the half's subnormal ulp (2^-24) with the
+  // float ulp at 0.5, so the FPU's round-to-nearest-even does the rounding.
+  uint32_t subnormal = f32_bits(q2_add(bits_f32(a), 0.5f)) - 0x3f000000u;
+  // Normal: rebias the exponent (0xc8000000 = -(112 << 23)) and round the mantissa.
+  uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
+  uint32_t res = select_u32(a < 0x38800000u, subnormal, normal);
+  res = select_u32(a >= 0x477ff000u, 0x7c00u, res);  // rounds to >= 65520: inf
+  res = select_u32(a >= 0x7f800000u, inf_nan, res);
   out->bits = static_cast<uint16_t>(sign | res);
 }
 
