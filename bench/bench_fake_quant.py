@@ -1,0 +1,15 @@
+"""Fake-quant microbenchmark (issue #2 §5): python bench/bench_fake_quant.py [--quick] [--device cuda]
+
+The implementation lives in q2ext/benchmarks/fake_quant.py so that `q2ext bench` runs
+the same code.
+"""
+import argparse
+
+from q2ext.benchmarks import fake_quant
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args()
+    fake_quant.run(quick=a.quick, device=a.device)

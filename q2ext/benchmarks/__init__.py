@@ -1,0 +1,1 @@
+"""Microbenchmarks shipped with q2ext (run by `q2ext bench` and the scripts in bench/)."""
