@@ -7,7 +7,7 @@ from . import _ext  # loads q2ext._C or registers the reference kernels
 from . import backend, ops, reference
 from ._ext import cpu_isa, has_compiled, set_cpu_isa
 
-if _ext.has_triton() and False:  # TEMP
+if _ext.has_triton():
     from .triton import fake_quant as _triton_fake_quant  # noqa: F401  (registers the Triton ops)
 
 __version__ = "0.1.0"

@@ -54,6 +54,7 @@ def check_fake_quant_args(x, scale, zero_point, offset, quant_min, quant_max, ax
     if axis is not None:
         torch._check(0 <= axis < x.dim(), lambda: f"axis {axis} out of range for x with {x.dim()} dims")
     channels = 1 if axis is None else x.shape[axis]
+    torch._check(isinstance(scale, torch.Tensor), lambda: "scale must be a float32 tensor, got None")
     for name, t in (("scale", scale), ("zero_point", zero_point), ("offset", offset)):
         if t is None:
             continue

@@ -53,8 +53,8 @@ def _normalize_axis(axis, x, fn):
     return axis % x.dim()
 
 
-def _check_param(t, name, x, axis, fn):
-    if t is None:
+def _check_param(t, name, x, axis, fn, required=True):
+    if t is None and not required:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a float32 tensor, got {type(t).__name__}")
@@ -75,8 +75,12 @@ def fake_quant_affine(x, scale, zero_point, quant_min, quant_max, axis=None, gra
     ``torch.fake_quantize_per_channel_affine`` with ``zero_point`` rounded half-to-even
     and clamped to ``[quant_min, quant_max]`` (what ``torch._fake_quantize_learnable_*``
     do); gradients equal ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``'s
-    up to summation order, ``grad_factor`` included.  q2ext rounds the zero point the
-    same way in the backward (ATen's per-tensor backward truncates ``zp + 0.5``).
+    up to summation order, ``grad_factor`` included, with two documented exceptions where
+    ATen's backward disagrees with its own forward: (1) q2ext rounds the zero point
+    half-to-even in the backward too (ATen's per-tensor backward uses ``trunc(zp + 0.5)``,
+    which is ``zp + 1`` for negative integer zero points); (2) at exact ties
+    ``x/s = k + 1/2`` q2ext rounds ``x/s`` and then adds the zero point, as the forward
+    does (ATen's backward rounds ``x/s + zp`` in one step).
 
     Args:
         x: float32/float16/bfloat16 tensor, any shape and strides.
@@ -129,7 +133,7 @@ def lsq(x, scale, bits, signed=True, axis=None, offset=None, grad_scale=None):
     _check_bits(bits, fn)
     axis = _normalize_axis(axis, x, fn)
     _check_param(scale, "scale", x, axis, fn)
-    _check_param(offset, "offset", x, axis, fn)
+    _check_param(offset, "offset", x, axis, fn, required=False)
     q_n, q_p = lsq_levels(bits, bool(signed))
     g = lsq_grad_scale(x.numel(), scale.numel(), q_p) if grad_scale is None else float(grad_scale)
     op = _fake_quant_op(x.device.type)

@@ -108,7 +108,10 @@ def fake_quant_backward(grad, x, scale, zero_point, offset, quant_min, quant_max
     dims = [d for d in range(x.dim()) if d != axis]
 
     def total(t):  # sum per channel (or over everything), in float64
-        return t.to(torch.float64).sum(dim=dims) if axis is not None else t.to(torch.float64).sum().reshape(1)
+        t = t.to(torch.float64)
+        if axis is None:
+            return t.sum().reshape(1)
+        return t.sum(dim=dims) if dims else t  # sum(dim=[]) would reduce everything
 
     sum_scale, sum_clip = total(dscale_el), total(dclip_el)
     g = float(grad_factor)
@@ -128,12 +131,14 @@ def fake_quant_backward_op(grad, x, scale, zero_point, offset, quant_min, quant_
     """``q2ext::fake_quant_backward`` with the op's output conventions (fallback kernel)."""
     dx, dscale, dthird = fake_quant_backward(grad, x, scale, zero_point, offset, quant_min, quant_max, axis, mode,
                                              grad_factor)
-    empty = scale.new_empty((0,))
-    dx_out = dense_like(x).copy_(dx) if output_mask[0] else empty
+    def empty():  # a fresh tensor per missing output: op outputs must never alias
+        return scale.new_empty((0,))
+
+    dx_out = dense_like(x).copy_(dx) if output_mask[0] else empty()
     return (
         dx_out,
-        dscale.contiguous() if output_mask[1] else empty,
-        dthird.contiguous() if output_mask[2] and dthird is not None else empty,
+        dscale.contiguous() if output_mask[1] else empty(),
+        dthird.contiguous() if output_mask[2] and dthird is not None else empty(),
     )
 
 

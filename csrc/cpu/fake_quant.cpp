@@ -235,7 +235,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
                ? backward_rows(fn, ch, g, dyp, xp, dxp, es, mode, qmin, qmax)
                : backward_runs(fn, ch, g, dyp, xp, dxp, es, mode, qmin, qmax);
   }
-  const at::Tensor& third_like = zero_point.has_value() ? *zero_point : scale;
+  const at::Tensor& third_like =
+      zero_point.has_value() ? *zero_point : (offset.has_value() ? *offset : scale);
   at::Tensor d_scale = at::empty_like(scale, at::MemoryFormat::Contiguous);
   at::Tensor d_third = at::empty_like(third_like, at::MemoryFormat::Contiguous);
   float* dsp = d_scale.data_ptr<float>();
@@ -250,9 +251,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
     dtp[i] = zero_point.has_value() ? static_cast<float>(-grad_factor * ch.s[i] * sums.clip[c])
                                     : static_cast<float>(grad_factor * sums.clip[c]);
   }
-  at::Tensor empty = at::empty({0}, scale.options());
-  return {output_mask[0] ? dx : empty, output_mask[1] ? d_scale : empty,
-          output_mask[2] && (zero_point.has_value() || offset.has_value()) ? d_third : empty};
+  // Each missing output is its own empty tensor: outputs of an op must never alias.
+  auto empty = [&] { return at::empty({0}, scale.options()); };
+  return {output_mask[0] ? dx : empty(), output_mask[1] ? d_scale : empty(),
+          output_mask[2] && (zero_point.has_value() || offset.has_value()) ? d_third : empty()};
 }
 
 }  // namespace

@@ -1,0 +1,10 @@
+"""Test-session setup shared by every test module.
+
+TRITON_INTERPRET must be in the environment before triton reads it (at import and when
+a @triton.jit function is defined/launched): setting it from a test module is too late
+once another module imported q2ext (and with it triton).  With it, the Triton kernels
+run on CPU tensors under the interpreter, so they are tested on machines without a GPU.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
