@@ -1,0 +1,463 @@
+// CUDA kernels of q2ext::gb_fusion_forward / gb_fusion_backward / gb_fusion_update.
+//
+// One thread owns one pixel (grid-stride) and walks its fused channels.  In NCHW,
+// neighbouring threads read neighbouring pixels of a channel plane, so every load is
+// coalesced.  In channels_last each thread reads its own contiguous channel row; the
+// sectors it touches are reused from L1 on the following channels (a warp-per-pixel
+// variant would coalesce better and is the next step if profiles ask for it).
+//
+// Forward: one read of the branches for shifted sums (shift = the pixel's first fused
+// value, which keeps sum/sum-of-squares well conditioned), one more read to normalise and
+// write.  Backward: one read for the two channel means of the LN gradient, one to write
+// every branch gradient, accumulating ||dx_i||^2 per thread in registers (branch loops
+// are unrolled to kGbMaxBranches with a guard so the array stays in registers).
+//
+// No atomics and no host sync: each block reduces its squares in a fixed shuffle/shared
+// order into its own slot of a partial buffer, a one-block kernel adds the slots in order
+// (deterministic for a given device), and gb_fusion_update runs the controller law in a
+// one-thread kernel on the same stream.  alpha = softmax(lam) is computed per block from
+// lam on the device.  The per-element math is gb_fusion_math.h, shared with the CPU.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "q2ext/gb_fusion_math.h"
+
+namespace q2ext {
+namespace gpu_gb {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBlocksPerSm = 8;
+
+struct Params {
+  const void* x[kGbMaxBranches];
+  void* dx[kGbMaxBranches];
+  int64_t c[kGbMaxBranches];
+  int64_t off[kGbMaxBranches];
+  int k, mode;
+  bool nhwc;
+  int64_t hw, c_out, total;
+};
+
+// Element (n, c, p) of a tensor with `ch` channels, in the op's layout.
+__device__ __forceinline__ int64_t at_idx(const Params& P, int64_t n, int64_t c, int64_t p, int64_t ch) {
+  return P.nhwc ? (n * P.hw + p) * ch + c : (n * ch + c) * P.hw + p;
+}
+
+template <typename T>
+__device__ __forceinline__ typename GbAcc<T>::type ld(const void* base, int64_t i) {
+  return gb_load(static_cast<const T*>(base)[i]);
+}
+
+// Calls f(co, h) for every fused channel of pixel (n, p), in channel order.
+template <typename T, typename A, typename F>
+__device__ __forceinline__ void visit_h(const Params& P, const float* alpha, int64_t n, int64_t p, F&& f) {
+  if (P.mode == kGbConcat) {
+#pragma unroll
+    for (int i = 0; i < kGbMaxBranches; ++i) {
+      if (i >= P.k) break;
+      const A al = static_cast<A>(alpha[i]);
+      for (int64_t c = 0; c < P.c[i]; ++c) f(P.off[i] + c, al * ld<T>(P.x[i], at_idx(P, n, c, p, P.c[i])));
+    }
+  } else {
+    for (int64_t c = 0; c < P.c_out; ++c) {
+      A h = static_cast<A>(alpha[0]) * ld<T>(P.x[0], at_idx(P, n, c, p, P.c_out));
+#pragma unroll
+      for (int i = 1; i < kGbMaxBranches; ++i) {
+        if (i >= P.k) break;
+        h = h + static_cast<A>(alpha[i]) * ld<T>(P.x[i], at_idx(P, n, c, p, P.c_out));
+      }
+      f(c, h);
+    }
+  }
+}
+
+__device__ __forceinline__ void block_alpha(const float* src, bool softmax, int k, float* s_alpha,
+                                            float* alpha_out) {
+  if (threadIdx.x == 0) {
+    if (softmax) {
+      gb_softmax(src, s_alpha, k);
+    } else {
+      for (int i = 0; i < k; ++i) s_alpha[i] = src[i];
+    }
+    if (alpha_out != nullptr && blockIdx.x == 0)
+      for (int i = 0; i < k; ++i) alpha_out[i] = s_alpha[i];
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(Params P, const float* __restrict lam,
+    float* __restrict alpha_out, const typename GbAcc<T>::type* __restrict w,
+    const typename GbAcc<T>::type* __restrict b, T* __restrict out, typename GbAcc<T>::type* __restrict mean_out,
+    typename GbAcc<T>::type* __restrict rstd_out, double eps) {
+  using A = typename GbAcc<T>::type;
+  __shared__ float s_alpha[kGbMaxBranches];
+  block_alpha(lam, true, P.k, s_alpha, alpha_out);
+  const A inv_c = A(1) / static_cast<A>(P.c_out);
+  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < P.total; q += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = q / P.hw, p = q % P.hw;
+    A shift = A(0), s1 = A(0), s2 = A(0);
+    visit_h<T, A>(P, s_alpha, n, p, [&](int64_t co, A h) {
+      if (co == 0) shift = h;
+      const A d = h - shift;
+      s1 += d;
+      s2 += d * d;
+    });
+    const A m1 = s1 * inv_c;
+    A var = s2 * inv_c - m1 * m1;
+    var = var > A(0) ? var : A(0);
+    const A mean = shift + m1;
+    const A rstd = A(1) / sqrt(var + static_cast<A>(eps));
+    visit_h<T, A>(P, s_alpha, n, p, [&](int64_t co, A h) {
+      A y = (h - mean) * rstd;
+      if (w != nullptr) y = y * w[co] + b[co];
+      gb_store(y, &out[at_idx(P, n, co, p, P.c_out)]);
+    });
+    mean_out[q] = mean;
+    rstd_out[q] = rstd;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const float* __restrict alpha,
+    const T* __restrict grad, const typename GbAcc<T>::type* __restrict w,
+    const typename GbAcc<T>::type* __restrict mean_in, const typename GbAcc<T>::type* __restrict rstd_in,
+    double* __restrict partial) {
+  using A = typename GbAcc<T>::type;
+  __shared__ float s_alpha[kGbMaxBranches];
+  __shared__ double s_red[kWarps][kGbMaxBranches];
+  block_alpha(alpha, false, P.k, s_alpha, nullptr);
+  const A inv_c = A(1) / static_cast<A>(P.c_out);
+  A sq[kGbMaxBranches];
+#pragma unroll
+  for (int i = 0; i < kGbMaxBranches; ++i) sq[i] = A(0);
+  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < P.total; q += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = q / P.hw, p = q % P.hw;
+    const A mean = mean_in[q], rstd = rstd_in[q];
+    A m1 = A(0), m2 = A(0);
+    visit_h<T, A>(P, s_alpha, n, p, [&](int64_t co, A h) {
+      const A y = (h - mean) * rstd;
+      const A gy = gb_load(grad[at_idx(P, n, co, p, P.c_out)]) * (w != nullptr ? w[co] : A(1));
+      m1 += gy;
+      m2 += gy * y;
+    });
+    m1 = m1 * inv_c;
+    m2 = m2 * inv_c;
+    if (P.mode == kGbConcat) {
+#pragma unroll
+      for (int i = 0; i < kGbMaxBranches; ++i) {
+        if (i >= P.k) break;
+        const A al = static_cast<A>(s_alpha[i]);
+        for (int64_t c = 0; c < P.c[i]; ++c) {
+          const int64_t co = P.off[i] + c, xi = at_idx(P, n, c, p, P.c[i]);
+          const A y = (al * ld<T>(P.x[i], xi) - mean) * rstd;
+          const A gy = gb_load(grad[at_idx(P, n, co, p, P.c_out)]) * (w != nullptr ? w[co] : A(1));
+          const A d = al * gb_ln_grad<A>(gy, y, m1, m2, rstd);
+          gb_store(d, &static_cast<T*>(P.dx[i])[xi]);
+          sq[i] += d * d;
+        }
+      }
+    } else {
+      for (int64_t c = 0; c < P.c_out; ++c) {
+        const int64_t xi = at_idx(P, n, c, p, P.c_out);
+        A h = A(0);
+#pragma unroll
+        for (int i = 0; i < kGbMaxBranches; ++i)
+          if (i < P.k) h = h + static_cast<A>(s_alpha[i]) * ld<T>(P.x[i], xi);
+        const A gy = gb_load(grad[xi]) * (w != nullptr ? w[c] : A(1));
+        const A dh = gb_ln_grad<A>(gy, (h - mean) * rstd, m1, m2, rstd);
+#pragma unroll
+        for (int i = 0; i < kGbMaxBranches; ++i) {
+          if (i < P.k) {
+            const A d = static_cast<A>(s_alpha[i]) * dh;
+            gb_store(d, &static_cast<T*>(P.dx[i])[xi]);
+            sq[i] += d * d;
+          }
+        }
+      }
+    }
+  }
+  // Block reduction of the squares: xor-shuffles (fixed pattern), then warps in order.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int i = 0; i < kGbMaxBranches; ++i) {
+    if (i >= P.k) break;
+    double v = static_cast<double>(sq[i]);
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) s_red[warp][i] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < P.k) {
+    double t = 0.0;
+    for (int wi = 0; wi < kWarps; ++wi) t += s_red[wi][threadIdx.x];
+    partial[blockIdx.x * int64_t(P.k) + threadIdx.x] = t;
+  }
+}
+
+// One warp per branch adds the blocks' partial sums in a fixed order.
+__global__ void finalize_kernel(const double* __restrict partial, int blocks, int k, float* __restrict g_sq) {
+  const int lane = threadIdx.x & 31, i = threadIdx.x >> 5;
+  if (i >= k) return;
+  double v = 0.0;
+  for (int b = lane; b < blocks; b += 32) v += partial[int64_t(b) * k + i];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (lane == 0) g_sq[i] = static_cast<float>(v);
+}
+
+// Optional affine LN: one block per fused channel reduces g*y and g over all pixels.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) affine_grad_kernel(Params P, const float* __restrict alpha,
+    const T* __restrict grad, const typename GbAcc<T>::type* __restrict mean_in,
+    const typename GbAcc<T>::type* __restrict rstd_in, typename GbAcc<T>::type* __restrict dw,
+    typename GbAcc<T>::type* __restrict db) {
+  using A = typename GbAcc<T>::type;
+  __shared__ double s_w[kWarps], s_b[kWarps];
+  const int64_t co = blockIdx.x;
+  int bi = 0;  // concat: the branch owning channel co
+  for (int i = 0; i < P.k; ++i)
+    if (P.mode == kGbConcat && co >= P.off[i]) bi = i;
+  double sw = 0.0, sb = 0.0;
+  for (int64_t q = threadIdx.x; q < P.total; q += blockDim.x) {
+    const int64_t n = q / P.hw, p = q % P.hw;
+    A h = A(0);
+    if (P.mode == kGbConcat) {
+      h = static_cast<A>(alpha[bi]) * ld<T>(P.x[bi], at_idx(P, n, co - P.off[bi], p, P.c[bi]));
+    } else {
+      for (int i = 0; i < P.k; ++i) h = h + static_cast<A>(alpha[i]) * ld<T>(P.x[i], at_idx(P, n, co, p, P.c_out));
+    }
+    const A g = gb_load(grad[at_idx(P, n, co, p, P.c_out)]);
+    sw += static_cast<double>(g * ((h - mean_in[q]) * rstd_in[q]));
+    sb += static_cast<double>(g);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) {
+    sw += __shfl_xor_sync(0xffffffffu, sw, o);
+    sb += __shfl_xor_sync(0xffffffffu, sb, o);
+  }
+  if (lane == 0) s_w[warp] = sw, s_b[warp] = sb;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double tw = 0.0, tb = 0.0;
+    for (int wi = 0; wi < kWarps; ++wi) tw += s_w[wi], tb += s_b[wi];
+    dw[co] = static_cast<A>(tw);
+    db[co] = static_cast<A>(tb);
+  }
+}
+
+__global__ void update_kernel(float* lam, float* g_ema, const float* g_sq, const float* tau, int k, float beta,
+                              float eta, float eps, float lam_clip) {
+  gb_update_law(lam, g_ema, g_sq, tau, k, beta, eta, eps, lam_clip);
+}
+
+// ---------------------------------------------------------------- host side
+
+int sm_count(int device) {
+  static int cache[64] = {0};
+  if (device < 64 && cache[device] > 0) return cache[device];
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  if (device < 64) cache[device] = n;
+  return n;
+}
+
+int grid_for(int64_t total, int device) {
+  const int64_t want = (total + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t(sm_count(device)) * kBlocksPerSm)));
+}
+
+at::ScalarType acc_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_vec(const char* name, const at::Tensor& t, int64_t n, at::ScalarType dt, const at::Tensor& x0) {
+  TORCH_CHECK(t.scalar_type() == dt, "q2ext gb_fusion: ", name, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x0.device(), "q2ext gb_fusion: ", name, " is on ", t.device(), " but branches[0] is on ",
+              x0.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "q2ext gb_fusion: ", name, " must have shape [", n, "], got ",
+              t.sizes());
+}
+
+// Validates the branches and makes them dense in branches[0]'s layout.
+Params make_params(const at::TensorList& branches, int64_t mode, std::vector<at::Tensor>& dense) {
+  TORCH_CHECK(mode == kGbConcat || mode == kGbAdd, "q2ext gb_fusion: mode must be 0 (concat) or 1 (add), got ", mode);
+  const int64_t k = static_cast<int64_t>(branches.size());
+  TORCH_CHECK(k >= 2, "q2ext gb_fusion: branches must hold at least 2 tensors, got ", k);
+  TORCH_CHECK(k <= kGbMaxBranches, "q2ext gb_fusion: branches holds ", k, " tensors; at most ", kGbMaxBranches,
+              " are supported");
+  const at::Tensor& x0 = branches[0];
+  TORCH_CHECK(x0.dim() == 4, "q2ext gb_fusion: branches[0] must be 4-D (N, C, H, W), got ", x0.sizes());
+  const auto st = x0.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
+              "q2ext gb_fusion: branches[0] must be float32/16, bfloat16 or float64, got ", st);
+  Params P{};
+  P.nhwc = x0.is_contiguous(at::MemoryFormat::ChannelsLast) && !x0.is_contiguous();
+  const auto fmt = P.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  P.k = static_cast<int>(k);
+  P.mode = static_cast<int>(mode);
+  P.hw = x0.size(2) * x0.size(3);
+  P.total = x0.size(0) * P.hw;
+  int64_t c = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const at::Tensor& x = branches[i];
+    TORCH_CHECK(x.dim() == 4, "q2ext gb_fusion: branches[", i, "] must be 4-D, got ", x.sizes());
+    const char* dims = "NCHW";
+    for (int d : {0, 2, 3})
+      TORCH_CHECK(x.size(d) == x0.size(d), "q2ext gb_fusion: branches[", i, "] has ", dims[d], "=", x.size(d),
+                  " but branches[0] has ", dims[d], "=", x0.size(d));
+    TORCH_CHECK(x.scalar_type() == st, "q2ext gb_fusion: branches[", i, "] is ", x.scalar_type(),
+                " but branches[0] is ", st);
+    TORCH_CHECK(x.device() == x0.device(), "q2ext gb_fusion: branches[", i, "] is on ", x.device(),
+                " but branches[0] is on ", x0.device());
+    TORCH_CHECK(mode != kGbAdd || x.size(1) == x0.size(1), "q2ext gb_fusion: mode add needs equal channels: branches[",
+                i, "] has C=", x.size(1), ", branches[0] has C=", x0.size(1));
+    dense.push_back(x.contiguous(fmt));
+    P.x[i] = dense.back().data_ptr();
+    P.c[i] = x.size(1);
+    P.off[i] = mode == kGbConcat ? c : 0;
+    c = mode == kGbConcat ? c + x.size(1) : x.size(1);
+  }
+  P.c_out = c;
+  return P;
+}
+
+template <typename F>
+void dispatch_dtype(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(bf16_t{}); break;
+    case at::kHalf: f(f16_t{}); break;
+    default: f(double{}); break;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cuda(
+    at::TensorList branches, const at::Tensor& lam, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, int64_t mode, double eps) {
+  std::vector<at::Tensor> dense;
+  Params P = make_params(branches, mode, dense);
+  const at::Tensor& x0 = branches[0];
+  c10::cuda::CUDAGuard guard(x0.device());
+  const auto acc = acc_of(x0);
+  check_vec("lam", lam, P.k, at::kFloat, x0);
+  TORCH_CHECK(weight.has_value() == bias.has_value(), "q2ext gb_fusion: pass both weight and bias, or neither");
+  if (weight.has_value()) {
+    check_vec("weight", *weight, P.c_out, acc, x0);
+    check_vec("bias", *bias, P.c_out, acc, x0);
+  }
+  TORCH_CHECK(eps > 0, "q2ext gb_fusion: eps must be > 0, got ", eps);
+  const auto fmt = P.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({x0.size(0), P.c_out, x0.size(2), x0.size(3)}, x0.options(), fmt);
+  at::Tensor mean = at::empty({x0.size(0), x0.size(2), x0.size(3)}, x0.options().dtype(acc));
+  at::Tensor rstd = at::empty_like(mean);
+  at::Tensor alpha = at::empty({P.k}, lam.options());
+  at::Tensor lam_c = lam.contiguous();
+  at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (P.total == 0 || P.c_out == 0) {
+    // Still produce alpha: one block with nothing to do but the softmax.
+    P.total = 0;
+  }
+  const int grid = grid_for(P.total, x0.get_device());
+  dispatch_dtype(x0.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename GbAcc<T>::type;
+    forward_kernel<T><<<grid, kThreads, 0, stream>>>(
+        P, lam_c.data_ptr<float>(), alpha.data_ptr<float>(), w.defined() ? static_cast<const A*>(w.data_ptr()) : nullptr,
+        b.defined() ? static_cast<const A*>(b.data_ptr()) : nullptr, static_cast<T*>(out.data_ptr()),
+        static_cast<A*>(mean.data_ptr()), static_cast<A*>(rstd.data_ptr()), eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, mean, rstd, alpha};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusion_backward_cuda(
+    const at::Tensor& grad, at::TensorList branches, const at::Tensor& alpha, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, int64_t mode) {
+  std::vector<at::Tensor> dense;
+  Params P = make_params(branches, mode, dense);
+  const at::Tensor& x0 = branches[0];
+  c10::cuda::CUDAGuard guard(x0.device());
+  const auto acc = acc_of(x0);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == x0.size(0) && grad.size(1) == P.c_out && grad.size(2) == x0.size(2) &&
+                  grad.size(3) == x0.size(3) && grad.scalar_type() == x0.scalar_type(),
+              "q2ext gb_fusion_backward: grad must be ", x0.scalar_type(), " of shape [", x0.size(0), ", ", P.c_out,
+              ", ", x0.size(2), ", ", x0.size(3), "], got ", grad.scalar_type(), " ", grad.sizes());
+  check_vec("alpha", alpha, P.k, at::kFloat, x0);
+  for (const auto* t : {&mean, &rstd})
+    TORCH_CHECK(t->scalar_type() == acc && t->numel() == P.total,
+                "q2ext gb_fusion_backward: mean/rstd must be ", acc, " of shape (N, H, W)");
+  if (weight.has_value()) check_vec("weight", *weight, P.c_out, acc, x0);
+  const auto fmt = P.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor gd = grad.contiguous(fmt), mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  at::Tensor alpha_c = alpha.contiguous();
+  std::vector<at::Tensor> grads;
+  for (int i = 0; i < P.k; ++i) {
+    grads.push_back(at::empty_like(dense[i], fmt));
+    P.dx[i] = grads.back().data_ptr();
+  }
+  at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const int64_t cw = w.defined() ? P.c_out : 0;
+  at::Tensor dw = at::empty({cw}, x0.options().dtype(acc)), db = at::empty({cw}, x0.options().dtype(acc));
+  at::Tensor g_sq = at::empty({P.k}, alpha.options());
+  const int grid = grid_for(P.total, x0.get_device());
+  at::Tensor partial = at::empty({grid, P.k}, alpha.options().dtype(at::kDouble));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(x0.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename GbAcc<T>::type;
+    const A* wp = w.defined() ? static_cast<const A*>(w.data_ptr()) : nullptr;
+    backward_kernel<T><<<grid, kThreads, 0, stream>>>(P, alpha_c.data_ptr<float>(), static_cast<const T*>(gd.data_ptr()),
+                                                      wp, static_cast<const A*>(mean_c.data_ptr()),
+                                                      static_cast<const A*>(rstd_c.data_ptr()), partial.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finalize_kernel<<<1, 32 * P.k, 0, stream>>>(partial.data_ptr<double>(), grid, P.k, g_sq.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (cw > 0) {
+      affine_grad_kernel<T><<<static_cast<unsigned>(cw), kThreads, 0, stream>>>(
+          P, alpha_c.data_ptr<float>(), static_cast<const T*>(gd.data_ptr()), static_cast<const A*>(mean_c.data_ptr()),
+          static_cast<const A*>(rstd_c.data_ptr()), static_cast<A*>(dw.data_ptr()), static_cast<A*>(db.data_ptr()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {grads, dw, db, g_sq};
+}
+
+void gb_fusion_update_cuda(const at::Tensor& lam, const at::Tensor& g_ema, const at::Tensor& g_sq,
+                           const std::optional<at::Tensor>& tau, double beta, double eta, double eps, double lam_clip) {
+  TORCH_CHECK(lam.dim() == 1 && lam.scalar_type() == at::kFloat, "q2ext gb_fusion_update: lam must be fp32 [K], got ",
+              lam.scalar_type(), " ", lam.sizes());
+  const int64_t k = lam.size(0);
+  TORCH_CHECK(k <= kGbMaxBranches, "q2ext gb_fusion_update: at most ", kGbMaxBranches, " branches");
+  check_vec("g_ema", g_ema, k, at::kFloat, lam);
+  check_vec("g_sq", g_sq, k, at::kFloat, lam);
+  if (tau.has_value()) check_vec("tau", *tau, k, at::kFloat, lam);
+  TORCH_CHECK(lam_clip > 0, "q2ext gb_fusion_update: lam_clip must be > 0, got ", lam_clip);
+  TORCH_CHECK(lam.is_contiguous() && g_ema.is_contiguous(),
+              "q2ext gb_fusion_update: lam and g_ema must be contiguous (updated in place)");
+  c10::cuda::CUDAGuard guard(lam.device());
+  at::Tensor gs = g_sq.contiguous();
+  at::Tensor tc = tau.has_value() ? tau->contiguous() : at::Tensor();
+  update_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      lam.data_ptr<float>(), g_ema.data_ptr<float>(), gs.data_ptr<float>(), tc.defined() ? tc.data_ptr<float>() : nullptr,
+      static_cast<int>(k), static_cast<float>(beta), static_cast<float>(eta), static_cast<float>(eps),
+      static_cast<float>(lam_clip));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace gpu_gb
+}  // namespace q2ext
+
+TORCH_LIBRARY_IMPL(q2ext, CUDA, m) {
+  m.impl("gb_fusion_forward", &q2ext::gpu_gb::gb_fusion_forward_cuda);
+  m.impl("gb_fusion_backward", &q2ext::gpu_gb::gb_fusion_backward_cuda);
+  m.impl("gb_fusion_update", &q2ext::gpu_gb::gb_fusion_update_cuda);
+}

@@ -1,0 +1,252 @@
+"""Schemas, fake kernels and autograd registration of the Q-GBFusion ops (issue #4).
+
+Kernels: C++ CPU (csrc/cpu/gb_fusion.cpp) and CUDA (csrc/cuda/gb_fusion.cu) in q2ext._C;
+``register_reference_kernels()`` (handed to ``_ops.register_fallback``) installs
+q2ext/gbfusion_reference.py instead when _C is not built.  Semantics and formulas: q2ext/gbfusion_reference.py.
+
+``gb_fusion_forward(branches, lam, weight, bias, mode, eps) -> (out, mean, rstd, alpha)``
+    branches: 2..16 tensors (N, C_i, H, W), one dtype (fp32/fp16/bf16/fp64), one device;
+    mode MODE_CONCAT or MODE_ADD (equal C_i); lam fp32 [K]; weight/bias [C] in the compute
+    dtype (fp32, fp64 for fp64 branches) or None.  No autograd of its own.
+``gb_fusion_backward(grad, branches, alpha, weight, mean, rstd, mode) -> (grads, dw, db, g_sq)``
+    The LN backward, every branch's gradient and g_sq[i] = ||dL/dx_i||^2 (fp32 [K]).
+``gb_fusion_update(lam!, g_ema!, g_sq, tau, beta, eta, eps, lam_clip) -> ()``
+    The controller law, in place on the fp32 [K] buffers, on their device (no host sync).
+``gb_fusion(branches, lam, g_ema, tau, weight, bias, mode, eps, beta, eta, ctrl_eps,
+lam_clip, update, sync) -> (out, mean, rstd, alpha)``
+    The differentiable op the module calls: forward = gb_fusion_forward; its backward runs
+    gb_fusion_backward, then (update=True) gb_fusion_update on lam/g_ema.  lam gets no
+    autograd gradient.  sync=True all-reduces g_sq (mean over ranks) before the update so
+    that lam stays identical on every DDP rank.
+
+Why the controller rides on a separate op: the kernel ops stay pure (opcheck, reuse), and
+the mutation of lam/g_ema happens in the backward graph as a declared in-place op, which
+AOTAutograd keeps (torch.compile(fullgraph=True) matches eager, see the tests).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _ops
+from .gbfusion_reference import MODE_ADD, MODE_CONCAT, channel_offsets, compute_dtype, output_format
+
+LIB = torch.library.Library("q2ext", "FRAGMENT")  # noqa: TOR901 - q2ext/_ops.py owns the DEF
+
+MAX_BRANCHES = 16  # the CUDA kernels pass branch pointers by value in a fixed-size struct
+
+LIB.define(
+    "gb_fusion_forward(Tensor[] branches, Tensor lam, Tensor? weight, Tensor? bias, int mode, float eps)"
+    " -> (Tensor, Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "gb_fusion_backward(Tensor grad, Tensor[] branches, Tensor alpha, Tensor? weight, Tensor mean, "
+    "Tensor rstd, int mode) -> (Tensor[], Tensor, Tensor, Tensor)"
+)
+LIB.define(
+    "gb_fusion_update(Tensor(a!) lam, Tensor(b!) g_ema, Tensor g_sq, Tensor? tau, float beta, float eta, "
+    "float eps, float lam_clip) -> ()"
+)
+LIB.define(
+    "gb_fusion(Tensor[] branches, Tensor lam, Tensor g_ema, Tensor? tau, Tensor? weight, Tensor? bias, "
+    "int mode, float eps, float beta, float eta, float ctrl_eps, float lam_clip, bool update, bool sync)"
+    " -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_branches(branches, mode):
+    """Checks shared by every kernel; messages name the offending argument."""
+    torch._check(mode in (MODE_CONCAT, MODE_ADD), lambda: f"mode must be 0 (concat) or 1 (add), got {mode}")
+    k = len(branches)
+    torch._check(k >= 2, lambda: f"branches must hold at least 2 tensors, got {k}")
+    torch._check(k <= MAX_BRANCHES, lambda: f"branches holds {k} tensors; at most {MAX_BRANCHES} are supported")
+    x0 = branches[0]
+    torch._check(x0.dim() == 4, lambda: f"branches[0] must be 4-D (N, C, H, W), got shape {list(x0.shape)}")
+    torch._check(x0.dtype in _DTYPES, lambda: f"branches[0] must be float32/16, bfloat16 or float64, got {x0.dtype}")
+    for i, x in enumerate(branches[1:], 1):
+        torch._check(x.dim() == 4, lambda: f"branches[{i}] must be 4-D (N, C, H, W), got shape {list(x.shape)}")
+        for d, name in ((0, "N"), (2, "H"), (3, "W")):
+            torch._check(
+                x.shape[d] == x0.shape[d],
+                lambda: f"branches[{i}] has {name}={x.shape[d]} but branches[0] has {name}={x0.shape[d]}",
+            )
+        torch._check(x.dtype == x0.dtype, lambda: f"branches[{i}] is {x.dtype} but branches[0] is {x0.dtype}")
+        torch._check(x.device == x0.device, lambda: f"branches[{i}] is on {x.device} but branches[0] on {x0.device}")
+        if mode == MODE_ADD:
+            torch._check(
+                x.shape[1] == x0.shape[1],
+                lambda: f"mode add needs equal channels: branches[{i}] has C={x.shape[1]}, "
+                f"branches[0] has C={x0.shape[1]}",
+            )
+
+
+def _check_vec(name, t, n, dtype, device):
+    torch._check(t.dtype == dtype, lambda: f"{name} must be {dtype}, got {t.dtype}")
+    torch._check(t.device == device, lambda: f"{name} is on {t.device} but branches[0] is on {device}")
+    torch._check(t.dim() == 1 and t.shape[0] == n, lambda: f"{name} must have shape [{n}], got {list(t.shape)}")
+
+
+def check_forward_args(branches, lam, weight, bias, mode, eps):
+    check_branches(branches, mode)
+    x0 = branches[0]
+    _check_vec("lam", lam, len(branches), torch.float32, x0.device)
+    _, c = channel_offsets(branches, mode)
+    torch._check((weight is None) == (bias is None), lambda: "pass both weight and bias, or neither")
+    if weight is not None:
+        _check_vec("weight", weight, c, compute_dtype(x0.dtype), x0.device)
+        _check_vec("bias", bias, c, compute_dtype(x0.dtype), x0.device)
+    torch._check(eps > 0, lambda: f"eps must be > 0, got {eps}")
+    return c
+
+
+def _nchw(x0, c):
+    n, _, h, w = x0.shape
+    return x0.new_empty((n, c, h, w)).contiguous(memory_format=output_format(x0))
+
+
+def forward_fake(branches, lam, weight, bias, mode, eps):
+    c = check_forward_args(branches, lam, weight, bias, mode, eps)
+    x0 = branches[0]
+    n, _, h, w = x0.shape
+    stats = x0.new_empty((n, h, w), dtype=compute_dtype(x0.dtype))
+    return _nchw(x0, c), stats, torch.empty_like(stats), torch.empty_like(lam)
+
+
+def check_backward_args(grad, branches, alpha, weight, mean, rstd, mode):
+    check_branches(branches, mode)
+    x0 = branches[0]
+    _, c = channel_offsets(branches, mode)
+    n, _, h, w = x0.shape
+    torch._check(grad.shape == (n, c, h, w) and grad.dtype == x0.dtype,
+                 lambda: f"grad must be {x0.dtype} of shape {[n, c, h, w]}, got {grad.dtype} {list(grad.shape)}")
+    _check_vec("alpha", alpha, len(branches), torch.float32, x0.device)
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        torch._check(t.shape == (n, h, w) and t.dtype == compute_dtype(x0.dtype),
+                     lambda: f"{name} must be {compute_dtype(x0.dtype)} of shape {[n, h, w]}")
+    if weight is not None:
+        _check_vec("weight", weight, c, compute_dtype(x0.dtype), x0.device)
+    return c
+
+
+def backward_fake(grad, branches, alpha, weight, mean, rstd, mode):
+    c = check_backward_args(grad, branches, alpha, weight, mean, rstd, mode)
+    x0 = branches[0]
+    ct = compute_dtype(x0.dtype)
+    grads = [x.new_empty(x.shape).contiguous(memory_format=output_format(x)) for x in branches]
+    if weight is not None:
+        dw, db = x0.new_empty((c,), dtype=ct), x0.new_empty((c,), dtype=ct)
+    else:
+        dw, db = x0.new_empty((0,), dtype=ct), x0.new_empty((0,), dtype=ct)
+    return grads, dw, db, alpha.new_empty((len(branches),))
+
+
+def check_update_args(lam, g_ema, g_sq, tau, lam_clip):
+    k = lam.shape[0] if lam.dim() == 1 else -1
+    torch._check(lam.dim() == 1 and lam.dtype == torch.float32, lambda: f"lam must be fp32 [K], got {lam.dtype}")
+    for name, t in (("g_ema", g_ema), ("g_sq", g_sq)) + ((("tau", tau),) if tau is not None else ()):
+        _check_vec(name, t, k, torch.float32, lam.device)
+    torch._check(lam_clip > 0, lambda: f"lam_clip must be > 0, got {lam_clip}")
+
+
+def update_fake(lam, g_ema, g_sq, tau, beta, eta, eps, lam_clip):
+    check_update_args(lam, g_ema, g_sq, tau, lam_clip)
+
+
+def gb_fusion_fake(branches, lam, g_ema, tau, weight, bias, mode, eps, beta, eta, ctrl_eps, lam_clip, update, sync):
+    return forward_fake(branches, lam, weight, bias, mode, eps)
+
+
+torch.library.register_fake("q2ext::gb_fusion_forward", forward_fake, lib=LIB)
+torch.library.register_fake("q2ext::gb_fusion_backward", backward_fake, lib=LIB)
+torch.library.register_fake("q2ext::gb_fusion_update", update_fake, lib=LIB)
+torch.library.register_fake("q2ext::gb_fusion", gb_fusion_fake, lib=LIB)
+
+
+def _gb_fusion_impl(branches, lam, g_ema, tau, weight, bias, mode, eps, beta, eta, ctrl_eps, lam_clip, update,
+                    sync):
+    return torch.ops.q2ext.gb_fusion_forward(branches, lam, weight, bias, mode, eps)
+
+
+for _key in ("CPU", "CUDA"):
+    LIB.impl("gb_fusion", _gb_fusion_impl, _key)
+
+
+def _all_reduce_mean(t):
+    """Mean of t over the default process group; traceable (functional collective)."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    world = dist.get_world_size()
+    return funcol.all_reduce(t, "sum", dist.group.WORLD) / world
+
+
+def _setup_context(ctx, inputs, output):
+    branches, lam, g_ema, tau, weight, bias, mode, eps, beta, eta, ctrl_eps, lam_clip, update, sync = inputs
+    _, mean, rstd, alpha = output
+    ctx.k = len(branches)
+    ctx.has_weight = weight is not None
+    ctx.save_for_backward(*branches, alpha, mean, rstd, weight)
+    # lam/g_ema are deliberately not saved with save_for_backward: the update below
+    # mutates them, and a retained graph would then refuse its second backward.
+    ctx.state = (lam, g_ema, tau)
+    ctx.args = (mode, beta, eta, ctrl_eps, lam_clip, update, sync)
+    ctx.mark_non_differentiable(mean, rstd, alpha)
+
+
+def _backward(ctx, grad, _gmean, _grstd, _galpha):
+    saved = ctx.saved_tensors
+    k = ctx.k
+    branches, (alpha, mean, rstd, weight) = list(saved[:k]), saved[k:]
+    mode, beta, eta, ctrl_eps, lam_clip, update, sync = ctx.args
+    grads, dw, db, g_sq = torch.ops.q2ext.gb_fusion_backward(grad, branches, alpha, weight, mean, rstd, mode)
+    if update:
+        lam, g_ema, tau = ctx.state
+        if sync:
+            g_sq = _all_reduce_mean(g_sq)
+        torch.ops.q2ext.gb_fusion_update(lam, g_ema, g_sq, tau, beta, eta, ctrl_eps, lam_clip)
+    needs = ctx.needs_input_grad
+    branch_grads = [g if needs[0] else None for g in grads]
+    return (branch_grads, None, None, None, dw if ctx.has_weight and needs[4] else None,
+            db if ctx.has_weight and needs[5] else None) + (None,) * 8
+
+
+torch.library.register_autograd("q2ext::gb_fusion", _backward, setup_context=_setup_context, lib=LIB)
+
+
+def gb_fusion(branches, lam, g_ema, tau=None, weight=None, bias=None, mode="concat", eps=1e-6, beta=0.1, eta=0.05,
+              ctrl_eps=1e-6, lam_clip=4.0, update=True, sync=False):
+    """Differentiable Q-GBFusion: returns the fused, normalised (N, C, H, W) tensor.
+
+    branches: list of K (N, C_i, H, W) tensors (fp32/fp16/bf16/fp64); lam, g_ema: fp32 [K]
+    controller buffers (mutated by the backward when ``update``); tau: fp32 [K] or None.
+    """
+    mode_id = {"concat": MODE_CONCAT, "add": MODE_ADD}.get(mode, mode)
+    return torch.ops.q2ext.gb_fusion(list(branches), lam, g_ema, tau, weight, bias, mode_id, float(eps),
+                                     float(beta), float(eta), float(ctrl_eps), float(lam_clip), bool(update),
+                                     bool(sync))[0]
+
+
+def register_reference_kernels():
+    """Fallback when q2ext._C is not built: the reference becomes the CPU/CUDA kernel."""
+    from . import gbfusion_reference as ref
+
+    def forward(branches, lam, weight, bias, mode, eps):
+        check_forward_args(branches, lam, weight, bias, mode, eps)
+        return ref.gb_fusion_forward(branches, lam, weight, bias, mode, eps)
+
+    def backward(grad, branches, alpha, weight, mean, rstd, mode):
+        check_backward_args(grad, branches, alpha, weight, mean, rstd, mode)
+        return ref.gb_fusion_backward(grad, branches, alpha, weight, mean, rstd, mode)
+
+    def update(lam, g_ema, g_sq, tau, beta, eta, eps, lam_clip):
+        check_update_args(lam, g_ema, g_sq, tau, lam_clip)
+        ref.gb_fusion_update(lam, g_ema, g_sq, tau, beta, eta, eps, lam_clip)
+
+    for key in ("CPU", "CUDA"):
+        LIB.impl("gb_fusion_forward", forward, key)
+        LIB.impl("gb_fusion_backward", backward, key)
+        LIB.impl("gb_fusion_update", update, key)
+
+
+_ops.register_fallback(register_reference_kernels)
