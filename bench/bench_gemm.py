@@ -1,0 +1,14 @@
+"""Int8/int4 GEMM benchmark (issue #6): python bench/bench_gemm.py [--quick]
+
+The implementation lives in q2ext/benchmarks/gemm.py; results go to bench/RESULTS.md.
+"""
+import argparse
+
+from q2ext.benchmarks import gemm
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--min-run-time", type=float, default=0.5)
+    a = p.parse_args()
+    gemm.run(quick=a.quick, min_run_time=a.min_run_time)

@@ -1,0 +1,77 @@
+// Argument blocks and per-ISA entry points of the CPU int8/int4 GEMM kernels.
+//
+// Included by the torch-facing driver (csrc/cpu/gemm.cpp) and by the ISA translation
+// units (csrc/cpu/gemm_isa_*.cpp).  Like fake_quant_math.h it includes no torch or std
+// header: the ISA units are compiled under `#pragma GCC target(...)`, and any shared
+// inline function they instantiated could be picked by the linker for the baseline path.
+#pragma once
+
+#include <cstdint>
+
+namespace q2ext {
+namespace gemm {
+
+// ---- W8A8 --------------------------------------------------------------------------
+// B [N, K] is repacked per call into panels of kNB8 output columns in the VNNI order:
+// panel p, k-quad q, column j holds bytes B[p*kNB8 + j, 4q .. 4q+3] (zero past N or K).
+// VNNI multiplies unsigned by signed bytes, so one operand must be unsigned:
+//  * a uint8 A is that operand and B stays signed;
+//  * an int8 A stays signed and B is stored as B ^ 0x80 = B + 128 (unsigned); the
+//    kernel then subtracts 128 * sum_k A[m, k] (a_comp) to get the exact int32 sum.
+// Both are exact: every product fits in 16 bits and int32 sums wrap like the reference.
+constexpr int64_t kNB8 = 64;
+
+enum OutKind : int { kOutF32 = 0, kOutBF16 = 1, kOutI32 = 2 };
+
+struct W8A8Args {
+  const uint8_t* a;        // [M, lda] bytes of A (int8 or uint8)
+  int64_t lda;
+  bool a_signed;           // int8 A (B panels hold B + 128, a_comp is used)
+  const int32_t* a_comp;   // [M] 128 * sum_k A[m, k], only when a_signed
+  const uint8_t* b_panels; // ceil(N / kNB8) panels of kq * kNB8 * 4 bytes
+  int64_t M, N, K;
+  int64_t kq;              // ceil(K / 4)
+  const float* a_scale;    // [M] or [1]
+  bool a_scale_per_row;
+  const float* b_scale;    // [N]
+  const float* bias;       // [N] or nullptr
+  bool relu;
+  int out_kind;            // OutKind
+  void* out;               // [M, ldc] of float / bf16 bits / int32
+  int64_t ldc;
+};
+
+// Computes rows [m0, m1) of the output columns of panel `panel`.
+using W8A8TileFn = void (*)(const W8A8Args&, int64_t panel, int64_t m0, int64_t m1);
+
+// ---- W4A16 -------------------------------------------------------------------------
+// Packed int4 weights: blocks of 16 output columns; block b, row k holds 8 bytes, byte j
+// = q[16b + j, k] | q[16b + 8 + j, k] << 4 (so one 8-byte load dequantises into 16
+// lanes in column order).  w[n, k] = (q - 8) * scales[k / g, n] + zeros[k / g, n].
+constexpr int64_t kNB4 = 16;
+
+struct W4A16Args {
+  const float* x;          // [M, K] fp32 (bf16 inputs are widened once by the driver)
+  int64_t M, K, N;
+  const uint8_t* w;        // [ceil(N / 16), K, 8]
+  const float* scales;     // [K / g, N]
+  const float* zeros;      // [K / g, N]
+  int64_t group_size;
+  float* out;              // [M, N] fp32
+};
+
+using W4A16TileFn = void (*)(const W4A16Args&, int64_t block, int64_t m0, int64_t m1);
+
+}  // namespace gemm
+}  // namespace q2ext
+
+// Entry points of one ISA translation unit (names are the ISA namespaces).
+#define Q2EXT_DECLARE_GEMM_ENTRY_POINTS(ns)                                             \
+  namespace q2ext {                                                                     \
+  namespace gemm {                                                                      \
+  namespace ns {                                                                        \
+  void w8a8_tile(const W8A8Args& a, int64_t panel, int64_t m0, int64_t m1);             \
+  void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1);           \
+  }                                                                                     \
+  }                                                                                     \
+  }

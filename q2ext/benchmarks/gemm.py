@@ -1,0 +1,119 @@
+"""Int8/int4 GEMM benchmark (issue #6): q2ext's W8A8 and W4A16 kernels against fp32/bf16
+F.linear, the composite torch._int_mm path (separate quantize / int GEMM / dequantize
+ops), torch._weight_int8pack_mm and torch._weight_int4pack_mm_for_cpu, all in one run.
+
+Throughput is 2*M*N*K / time (GFLOP/s for float paths, GOP/s for integer ones).  The
+W8A8 "end to end" rows include quantising the fp32 activation with a per-tensor static
+scale (the learned LSQ step) and the fp32 epilogue; weights are prepared once, outside
+the timed region, for every path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import gemm
+from .common import machine_info, median_seconds, print_table
+
+W8_SHAPES = [(1024, 1024, 1024), (4096, 256, 1024)]
+W8_QUICK = [(1024, 1024, 1024)]
+W4_SHAPES = [(1, 4096, 4096), (16, 4096, 4096)]
+GROUP = 128
+
+
+def _int_mm_composite(x, x_scale, w_t, w_scale, bias):
+    q = torch.clamp(torch.round(x * (1.0 / x_scale)), -128, 127).to(torch.int8)
+    acc = torch._int_mm(q, w_t)
+    return acc.float() * (x_scale * w_scale) + bias
+
+
+def bench_w8a8(shapes, min_run_time):
+    rows, speed = [], {}
+    for m, n, k in shapes:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(m, k, generator=g)
+        w = torch.randn(n, k, generator=g) * 0.05
+        bias = torch.randn(n, generator=g)
+        w_scale = w.abs().amax(dim=1) / 127
+        w_q = torch.round(w / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
+        x_scale = torch.tensor([x.abs().max().item() / 127])
+        w_packed = gemm.pack_int8_weight(w_q)
+        w_t = w_q.t()  # _int_mm wants [K, N]; this column-major view is its fast layout
+        a_q, _ = gemm.quantize_activation(x, x_scale)
+        ops_count = 2.0 * m * n * k
+        xb, wb = x.bfloat16(), w.bfloat16()
+        cases = [
+            ("fp32 F.linear", lambda: F.linear(x, w, bias)),
+            ("bf16 F.linear", lambda: F.linear(xb, wb, bias.bfloat16())),
+            ("torch._int_mm composite (quant+mm+dequant)", lambda: _int_mm_composite(x, x_scale, w_t, w_scale, bias)),
+            ("torch._int_mm only (int8 in, int32 out)", lambda: torch._int_mm(a_q, w_t)),
+            ("torch._weight_int8pack_mm (fp32 x)", lambda: torch._weight_int8pack_mm(x, w_q, w_scale)),
+            ("q2ext w8a8_mm only (int8 in, fp32 out)", lambda: gemm.w8a8_mm(a_q, w_q, x_scale, w_scale, bias)),
+            ("q2ext w8a8_linear end to end (fp32 in/out)",
+             lambda: gemm.w8a8_linear(x, w_packed, w_scale, x_scale, bias)),
+            ("q2ext w8a8_linear end to end (bf16 in/out)",
+             lambda: gemm.w8a8_linear(xb, w_packed, w_scale, x_scale, bias)),
+        ]
+        base = None
+        for name, fn in cases:
+            t = median_seconds(fn, min_run_time)
+            speed[(m, n, k, name)] = ops_count / t / 1e9
+            base = base or t
+            rows.append([f"{m}x{n}x{k}", name, f"{t * 1e3:.3f}", f"{ops_count / t / 1e9:.0f}", f"{base / t:.2f}x"])
+    return rows, speed
+
+
+def bench_w4a16(shapes, min_run_time):
+    rows, speed = [], {}
+    for m, n, k in shapes:
+        g = torch.Generator().manual_seed(1)
+        q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+        scales = torch.rand(k // GROUP, n, generator=g) * 0.01 + 1e-3
+        zeros = torch.randn(k // GROUP, n, generator=g) * 1e-3
+        x = torch.randn(m, k, generator=g)
+        xb = x.bfloat16()
+        w = gemm.dequantize_int4(gemm.pack_int4(q), scales, zeros, GROUP)
+        wb = w.bfloat16()
+        packed = gemm.pack_int4(q)
+        t_packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.stack([scales, zeros], dim=-1)  # [K/g, N, 2], same (q - 8) * s + z convention
+        sz_b = sz.bfloat16()
+        ops_count = 2.0 * m * n * k
+        cases = [
+            ("fp32 F.linear (dequantized weight)", lambda: F.linear(x, w)),
+            ("bf16 F.linear (dequantized weight)", lambda: F.linear(xb, wb)),
+            ("torch int4pack_mm_for_cpu (bf16 x)", lambda: torch._weight_int4pack_mm_for_cpu(xb, t_packed, GROUP, sz_b)),
+            ("torch int4pack_mm_for_cpu (fp32 x)", lambda: torch._weight_int4pack_mm_for_cpu(x, t_packed, GROUP, sz)),
+            ("q2ext w4a16_mm (bf16 x)", lambda: gemm.w4a16_mm(xb, packed, scales, zeros, GROUP)),
+            ("q2ext w4a16_mm (fp32 x)", lambda: gemm.w4a16_mm(x, packed, scales, zeros, GROUP)),
+        ]
+        base = None
+        for name, fn in cases:
+            t = median_seconds(fn, min_run_time)
+            speed[(m, n, k, name)] = ops_count / t / 1e9
+            base = base or t
+            rows.append([f"{m}x{n}x{k} g{GROUP}", name, f"{t * 1e3:.3f}", f"{ops_count / t / 1e9:.1f}",
+                         f"{base / t:.2f}x"])
+    return rows, speed
+
+
+def run(quick: bool = False, min_run_time: float = 0.5) -> str:
+    head = ["shape MxNxK", "path", "ms", "GFLOP/s or GOP/s", "vs first row"]
+    out = [machine_info()]
+    print(out[0], flush=True)
+    r8, s8 = bench_w8a8(W8_QUICK if quick else W8_SHAPES, min_run_time)
+    out.append(print_table(r8, head))
+    r4, s4 = bench_w4a16(W4_SHAPES, min_run_time)
+    out.append(print_table(r4, head))
+    m, n, k = 1024, 1024, 1024
+    e2e = s8[(m, n, k, "q2ext w8a8_linear end to end (fp32 in/out)")]
+    lines = [
+        f"W8A8 1024^3 end to end: {e2e / s8[(m, n, k, 'fp32 F.linear')]:.2f}x fp32 F.linear (target >= 6x), "
+        f"{e2e / s8[(m, n, k, 'torch._int_mm composite (quant+mm+dequant)')]:.2f}x the _int_mm composite (target >= 1.2x)"]
+    for mm in (1, 16):
+        for dt in ("bf16", "fp32"):
+            ours = s4[(mm, 4096, 4096, f"q2ext w4a16_mm ({dt} x)")]
+            theirs = s4[(mm, 4096, 4096, f"torch int4pack_mm_for_cpu ({dt} x)")]
+            lines.append(f"W4A16 M={mm} {dt}: {ours / theirs:.2f}x torch int4pack (target >= 1.2x)")
+    print("\n".join(lines), flush=True)
+    return "\n\n".join(out + ["\n".join(lines)])
