@@ -1,0 +1,18 @@
+"""QAT training-step benchmark (issue #3): python bench/bench_qat_step.py [--quick] [--no-compile] [--no-profile]
+
+W4A4 forward+backward+SGD step of ResNet-18 and a U-Net: FP32, q2ext, PyTorch's learnable
+fake-quant ops, naive LSQ eager and compiled.  The implementation lives in
+q2ext/benchmarks/qat_step.py.
+"""
+import argparse
+
+from q2ext.benchmarks import qat_step
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="one round, short runs, no compiled variants")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-op-family profile")
+    p.add_argument("--model", action="append", choices=list(qat_step.MODELS), help="run only this model")
+    a = p.parse_args()
+    qat_step.run(quick=a.quick, compile_variants=not a.no_compile, profile=not a.no_profile, models=a.model)
