@@ -23,7 +23,7 @@ except ImportError as exc:
         RuntimeWarning,
         stacklevel=2,
     )
-    _ops.register_reference_kernels()
+    _ops.use_reference_kernels()
 
 
 def has_compiled() -> bool:

@@ -149,3 +149,25 @@ def register_reference_kernels():
     for key in ("CPU", "CUDA"):
         LIB.impl("fake_quant", reference.fake_quant, key)
         LIB.impl("fake_quant_backward", reference.fake_quant_backward_op, key)
+
+
+# Every op family hands its `register_reference_kernels` to `register_fallback`; they run
+# once q2ext/_ext.py finds that q2ext._C is not built (or at once, if it already has).
+_fallbacks = []
+_reference_mode = False
+
+
+def register_fallback(fn):
+    _fallbacks.append(fn)
+    if _reference_mode:
+        fn()
+
+
+def use_reference_kernels():
+    global _reference_mode
+    _reference_mode = True
+    for fn in _fallbacks:
+        fn()
+
+
+register_fallback(register_reference_kernels)

@@ -20,7 +20,10 @@ from . import backend
 from ._ops import MODE_AFFINE, MODE_PACT
 from .reference import lsq_grad_scale, lsq_levels
 
-__all__ = ["fake_quant_affine", "lsq", "pact"]
+__all__ = ["fake_quant_affine", "lsq", "pact",
+           # deployment GEMMs (documented in q2ext/gemm.py)
+           "quantize_activation", "w8a8_mm", "w8a8_linear", "w4a16_mm",
+           "pack_int4", "unpack_int4", "pack_int8_weight", "unpack_int8_weight", "dequantize_int4"]
 
 
 def _fake_quant_op(device_type: str):
@@ -159,3 +162,18 @@ def pact(x, alpha, bits, axis=None):
     _check_param(alpha, "alpha", x, axis, fn)
     op = _fake_quant_op(x.device.type)
     return op(x, alpha, None, None, 0, 2 ** bits - 1, axis, MODE_PACT, 1.0)
+
+
+# Deployment ops live in their own module (one op family per file); re-exported here so
+# q2ext.ops is the single functional API.
+from .gemm import (  # noqa: E402
+    dequantize_int4,
+    pack_int4,
+    pack_int8_weight,
+    quantize_activation,
+    unpack_int4,
+    unpack_int8_weight,
+    w4a16_mm,
+    w8a8_linear,
+    w8a8_mm,
+)
