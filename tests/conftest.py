@@ -8,3 +8,18 @@ run on CPU tensors under the interpreter, so they are tested on machines without
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_isa_and_threads():
+    """Tests may force a CPU code path or a thread count; put both back afterwards."""
+    import q2ext
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    if q2ext.has_compiled():
+        q2ext.set_cpu_isa("auto")
