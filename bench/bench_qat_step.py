@@ -14,5 +14,7 @@ if __name__ == "__main__":
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--no-profile", action="store_true", help="skip the per-op-family profile")
     p.add_argument("--model", action="append", choices=list(qat_step.MODELS), help="run only this model")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     a = p.parse_args()
-    qat_step.run(quick=a.quick, compile_variants=not a.no_compile, profile=not a.no_profile, models=a.model)
+    qat_step.run(quick=a.quick, compile_variants=not a.no_compile, profile=not a.no_profile, models=a.model,
+                 threads=a.threads)

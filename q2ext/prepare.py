@@ -118,6 +118,8 @@ def prepare(model: nn.Module, qconfig: QConfig | None = None, inplace: bool = Fa
         cfg = defaults
         if idx == 0 and qconfig.first_layer_bits is not None:
             cfg = cfg.replace(w_bits=qconfig.first_layer_bits, a_bits=qconfig.first_layer_bits)
+        if idx == 0 and qconfig.freeze_network_input:
+            cfg = cfg.replace(a_learnable=False)
         if idx == len(candidates) - 1 and qconfig.last_layer_bits is not None:
             cfg = cfg.replace(w_bits=qconfig.last_layer_bits, a_bits=qconfig.last_layer_bits)
         for i, (pat, changes) in enumerate(qconfig.overrides.items()):
@@ -186,6 +188,8 @@ def _describe(q: nn.Module):
         kind = f"PACT a={_stats(q.alpha)}"
     else:
         kind = type(q).__name__
+    if not any(p.requires_grad for p in q.parameters(recurse=False)):
+        kind += " (frozen)"
     if not q.enabled:
         kind += " (disabled)"
     step = _stats(q.step_size()) if q.is_initialized else "uninitialised"

@@ -75,12 +75,18 @@ def test_prepared_model_trains(name):
     loss.backward()
     for n, p in model.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), n
+    frozen = []
     for qname, q in q2ext.nn.quantizers(model):
         assert q.is_initialized, qname
         learned = q.alpha if isinstance(q, PACTQuantizer) else q.scale
+        if not learned.requires_grad:
+            frozen.append(q)
+            continue
         assert learned.grad is not None and torch.isfinite(learned.grad).all(), qname
+    # Only the network input's step is frozen (QConfig.freeze_network_input).
+    assert frozen == [quant_layers[0].input_quantizer] and frozen[0].scale.grad is None
     # The step size of most layers actually receives signal (not all-zero gradients).
-    nonzero = [q.scale.grad.abs().sum() > 0 for _, q in q2ext.nn.quantizers(model)]
+    nonzero = [q.scale.grad.abs().sum() > 0 for _, q in q2ext.nn.quantizers(model) if q not in frozen]
     assert sum(nonzero) >= 0.9 * len(nonzero)
     opt.step()
     # Inactive LSQ+ offsets (non-negative inputs) get exact zero gradients and stay at 0.
@@ -101,6 +107,7 @@ def test_summary_lists_every_quantized_layer():
     assert len(lines) == 2 + 21 + 1 and lines[-1] == "21 quantized layers"
     conv1 = next(line for line in lines if line.startswith("conv1 "))
     assert "QuantConv2d" in conv1 and " 8 " in conv1 and "per-channel(64)" in conv1 and "LSQ+" in conv1
+    assert "(frozen)" in conv1 and "(frozen)" not in lines[3]
     l1 = next(line for line in lines if line.startswith("layer1.0.conv1 "))
     assert "LSQ unsigned" in l1 and "per-tensor" in l1
     s = model.layer1[0].conv1.input_quantizer.scale.item()
@@ -136,6 +143,18 @@ def test_first_last_skip_overrides_and_precedence():
     assert l2.weight_quantizer.axis is None and isinstance(l2.input_quantizer, LSQPlusQuantizer)
     assert l2.input_quantizer.offset_mode == "learn"
     assert type(base.conv1) is nn.Conv2d  # inplace=False left the original alone
+
+
+def test_network_input_step_frozen_by_default_and_configurable():
+    x = torch.randn(2, 3, 16, 16)
+    for qc, learn in ((q2ext.QConfig(), False), (q2ext.QConfig(freeze_network_input=False), True),
+                      (q2ext.QConfig(overrides={"conv1": {"a_learnable": True}}), True)):
+        model = q2ext.prepare(tv.resnet18(num_classes=10), qc)
+        q = model.conv1.input_quantizer
+        assert q.scale.requires_grad == q.offset.requires_grad == learn
+        assert model.layer1[0].conv1.input_quantizer.scale.requires_grad
+        model(x).sum().backward()
+        assert q.is_initialized and (q.scale.grad is not None) == learn
 
 
 def test_type_patterns_and_ancestor_globs():
@@ -220,6 +239,9 @@ def test_unsupported_layers_are_named():
         q2ext.prepare(model)
     with pytest.raises(ValueError, match=r"layer '0' \(LazyConv2d\): weight is not materialised"):
         q2ext.prepare(nn.Sequential(nn.LazyConv2d(4, 3)))
+    normed = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match=r"layer '0' \(ParametrizedLinear\): weight is computed"):
+        q2ext.prepare(normed)
 
     class SameConv(nn.Conv2d):  # custom forward: swapping would change what it computes
         def forward(self, x):

@@ -12,6 +12,11 @@ classes).  Variants, all measured in this process, all W4A4 on every Conv2d/Line
   eager and under ``torch.compile`` (compile time reported separately);
 - q2ext under ``torch.compile`` (compile time reported separately).
 
+Every quantized variant keeps the first layer's input step (the network input) fixed after
+its data initialisation, q2ext's default (``QConfig.freeze_network_input``); the row
+"q2ext, network-input step learned" shows what learning it costs (the first conv's
+backward-data pass).
+
 Each number is the median over interleaved rounds of ``median_seconds`` (the machine's
 other load shifts all variants of a round alike).  ``profile`` breaks one step of FP32 and
 q2ext down by operator family (self CPU time) to show where the extra time goes.
@@ -19,6 +24,7 @@ q2ext down by operator family (self CPU time) to show where the extra time goes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 import time
@@ -43,14 +49,14 @@ class BaselineQuantLayer(nn.Module):
     The input scale and grid sign are initialised eagerly from the first batch (LSQ rule).
     """
 
-    def __init__(self, layer: nn.Module, impl: str):
+    def __init__(self, layer: nn.Module, impl: str, learn_input_step: bool = True):
         super().__init__()
         self.layer, self.impl = layer, impl
         w = layer.weight.detach()
         c = w.shape[0]
         per_ch = w.abs().reshape(c, -1).mean(dim=1)
         self.w_scale = nn.Parameter(2 * per_ch / math.sqrt(W_QP))
-        self.a_scale = nn.Parameter(torch.ones(1))
+        self.a_scale = nn.Parameter(torch.ones(1), requires_grad=learn_input_step)
         self.register_buffer("w_zp", torch.zeros(c))
         self.register_buffer("a_zp", torch.zeros(1))
         self.a_levels = (W_QN, W_QP)
@@ -91,11 +97,13 @@ def naive_lsq(x, s, g, qn, qp):
 
 
 def swap_baseline(model: nn.Module, impl: str) -> nn.Module:
-    for name, child in list(model.named_children()):
-        if type(child) in (nn.Conv2d, nn.Linear):
-            setattr(model, name, BaselineQuantLayer(child, impl))
-        else:
-            swap_baseline(child, impl)
+    """Wrap every Conv2d/Linear; the first one's input step stays fixed, as in q2ext's default
+    QConfig (freeze_network_input), so every quantized variant does the same backward work."""
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    modules = dict(model.named_modules())
+    for i, (name, layer) in enumerate(layers):
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent], child, BaselineQuantLayer(layer, impl, learn_input_step=i > 0))
     return model
 
 
@@ -146,10 +154,11 @@ def build_variants(model_fn, compile_variants=True):
     batch = batch_fn()
     base.train()
     qcfg = QConfig(w_bits=BITS, a_bits=BITS, first_layer_bits=None, last_layer_bits=None)
-    variants = {}
-    variants["FP32"] = (make_step(copy.deepcopy(base), batch), None)
+    variants = {"FP32": (make_step(copy.deepcopy(base), batch), None)}
     q2 = prepare(base, qcfg)
     variants["q2ext"] = (make_step(q2, batch), None)
+    q2_learn = prepare(base, dataclasses.replace(qcfg, freeze_network_input=False))
+    variants["q2ext, network-input step learned"] = (make_step(q2_learn, batch), None)
     variants["PyTorch learnable fake-quant"] = (make_step(swap_baseline(copy.deepcopy(base), "torch"), batch), None)
     naive = swap_baseline(copy.deepcopy(base), "naive")
     variants["naive LSQ"] = (make_step(naive, batch), None)
@@ -157,21 +166,25 @@ def build_variants(model_fn, compile_variants=True):
         step()  # initialise quantizers (eagerly) and warm the allocator
     if compile_variants:
         for label, src in (("naive LSQ, torch.compile", naive), ("q2ext, torch.compile", q2)):
-            m = copy.deepcopy(src)
-            step = make_step(torch.compile(m), batch)
+            step = make_step(torch.compile(copy.deepcopy(src)), batch)
             t0 = time.perf_counter()
             step()
             variants[label] = (step, time.perf_counter() - t0)
     return variants
 
 
-def time_variants(variants, rounds=3, min_run_time=1.0):
-    """Median over `rounds` interleaved rounds of median_seconds per variant."""
+def time_variants(variants, rounds=5, min_run_time=0.6):
+    """Per variant: (median step seconds, median ratio to FP32) over interleaved rounds.
+
+    Each round times every variant once with median_seconds; the ratio is taken within a
+    round, so load that other processes put on the machine during a round cancels out.
+    """
     samples = {k: [] for k in variants}
     for _ in range(rounds):
         for k, (step, _) in variants.items():
             samples[k].append(median_seconds(step, min_run_time))
-    return {k: statistics.median(v) for k, v in samples.items()}
+    fp32 = samples["FP32"]
+    return {k: (statistics.median(v), statistics.median(t / f for t, f in zip(v, fp32))) for k, v in samples.items()}
 
 
 # ---------------------------------------------------------------------------- profile
@@ -226,22 +239,30 @@ def profile_breakdown(steps: dict, n_steps: int = 3):
     return out
 
 
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "n/a"
+
+
 def run(quick: bool = False, compile_variants: bool = True, profile: bool = True, min_run_time: float | None = None,
-        models=None):
+        models=None, threads: int | None = None):
     """Run the benchmark; returns (results table, profile table or '', records)."""
-    mrt = min_run_time if min_run_time is not None else (0.3 if quick else 1.5)
-    rounds = 1 if quick else 3
-    print(machine_info(), flush=True)
+    if threads:
+        torch.set_num_threads(threads)
+    mrt = min_run_time if min_run_time is not None else (0.3 if quick else 0.6)
+    rounds = 1 if quick else 5
+    print(machine_info(), f"| load average at start {_loadavg()}", flush=True)
     rows, records, prof_rows = [], [], []
     for mname in models or MODELS:
         variants = build_variants(MODELS[mname], compile_variants and not quick)
         times = time_variants(variants, rounds, mrt)
-        fp32 = times["FP32"]
-        for label, t in times.items():
+        for label, (t, ratio) in times.items():
             comp = variants[label][1]
-            rows.append([mname, label, f"{t * 1e3:.1f}", f"{t / fp32:.2f}x",
-                         f"{comp:.1f}" if comp is not None else "-"])
-            records.append(dict(model=mname, variant=label, ms=t * 1e3, vs_fp32=t / fp32, compile_s=comp))
+            rows.append([mname, label, f"{t * 1e3:.1f}", f"{ratio:.2f}x", f"{comp:.1f}" if comp is not None else "-"])
+            records.append(dict(model=mname, variant=label, ms=t * 1e3, vs_fp32=ratio, compile_s=comp))
         if profile:
             br = profile_breakdown({k: variants[k][0] for k in ("FP32", "q2ext")})
             fams = sorted({f for d in br.values() for f in d} - {"wall (profiled)"},
@@ -249,7 +270,8 @@ def run(quick: bool = False, compile_variants: bool = True, profile: bool = True
             for f in fams + ["wall (profiled)"]:
                 a, b = br["FP32"].get(f, 0.0), br["q2ext"].get(f, 0.0)
                 prof_rows.append([mname, f, f"{a:.1f}", f"{b:.1f}", f"{b - a:+.1f}"])
-    table = print_table(rows, ["model", "variant", "step ms (median)", "vs FP32", "compile s"])
+    print(f"load average at end {_loadavg()}", flush=True)
+    table = print_table(rows, ["model", "variant", "step ms (median)", "vs FP32 (median per round)", "compile s"])
     prof_table = ""
     if profile:
         print(flush=True)

@@ -58,6 +58,8 @@ def make_input_quantizer(cfg: LayerQConfig, in_channels: int, axis: int, device=
         q = PACTQuantizer(cfg.a_bits, **kw)
     else:
         q = LSQQuantizer(cfg.a_bits, signed="auto" if cfg.a_signed is None else cfg.a_signed, **kw)
+    if not cfg.a_learnable:
+        q.freeze()
     return q.to(device) if device is not None else q
 
 
@@ -73,6 +75,10 @@ def _check_float_layer(mod: nn.Module, base: type, name: str) -> None:
         raise TypeError(f"{label}: weight dtype {w.dtype} is not supported (float32, float16 or bfloat16)")
     if w.device.type == "meta":
         raise ValueError(f"{label}: weight is on the meta device; materialise the model first")
+    if not isinstance(w, nn.Parameter) or getattr(mod, "parametrizations", None) is not None:
+        # weight_norm / spectral_norm / parametrize recompute `weight` from other tensors.
+        raise ValueError(f"{label}: weight is computed (weight_norm, spectral_norm or a parametrization), "
+                         "not a plain Parameter; remove it before prepare")
 
 
 class _QuantMixin:
