@@ -39,8 +39,8 @@ def make_weight_quantizer(cfg: LayerQConfig, out_channels: int, axis: int, devic
     if cfg.w_quantizer == "none":
         return nn.Identity()
     per_ch = cfg.w_per_channel
-    q = LSQQuantizer(cfg.w_bits, signed=True, axis=axis if per_ch else None, num_channels=out_channels if per_ch else 1,
-                     kind="weight", init_batches=1)
+    q = LSQQuantizer(cfg.w_bits, signed=True, axis=axis if per_ch else None,
+                     num_channels=out_channels if per_ch else 1, kind="weight", init_batches=1)
     return q.to(device) if device is not None else q
 
 

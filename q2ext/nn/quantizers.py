@@ -17,9 +17,10 @@ Initialisation runs eagerly, once: it reads a few statistics on the host (the si
 decisions are Python choices of the quantization grid) and, when ``torch.distributed``
 is initialised with more than one rank, all-reduces its per-batch statistics so every
 rank computes identical scales (every rank must then initialise the same quantizers on the
-same number of batches; set ``Quantizer.sync_init = False`` where ranks do not).  Initialise (one eager forward or ``q2ext.calibrate``)
-before ``torch.compile(fullgraph=True)``; after that the forward is a single q2ext op
-with no host synchronisation.
+same number of batches; set ``Quantizer.sync_init = False`` where ranks do not).
+Initialise (one eager forward or ``q2ext.calibrate``) before
+``torch.compile(fullgraph=True)``; after that the forward is a single q2ext op with no
+host synchronisation.
 """
 from __future__ import annotations
 
