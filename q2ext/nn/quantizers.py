@@ -275,7 +275,7 @@ class LSQQuantizer(Quantizer):
     def extra_repr(self):
         sign = "signed" if self._signed else "unsigned"
         if self.signed == "auto":
-            sign += " (auto)" if self._ready else "auto"
+            sign = f"{sign} (auto)" if self._ready else "sign auto"
         return f"{super().extra_repr()}, {sign}"
 
 
