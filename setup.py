@@ -37,7 +37,11 @@ def extension():
     with_cuda = use_cuda()
     # -ffp-contract=off: the fake-quant math must round every product separately to be
     # bit-identical to ATen and to the reference (an FMA would change ties).
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-math-errno"]
+    # -fopenmp: ATen's at::parallel_for is an inline template that only runs in parallel
+    # when the including translation unit is compiled with OpenMP (ParallelOpenMP.h checks
+    # _OPENMP). The resulting DT_NEEDED libgomp.so.1 resolves to the copy torch has
+    # already loaded (same soname), so one OpenMP runtime serves torch and q2ext.
+    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
     macros = []
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")])
     if with_cuda:
@@ -46,9 +50,10 @@ def extension():
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "q2ext._C", sources(True), define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"], **kwargs)
     return cpp_extension.CppExtension(
-        "q2ext._C", sources(False), define_macros=macros, extra_compile_args={"cxx": cxx}, **kwargs)
+        "q2ext._C", sources(False), define_macros=macros, extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"], **kwargs)
 
 
 # Metadata, packages and the console script live in pyproject.toml.

@@ -260,3 +260,10 @@ def test_deterministic_across_runs_and_threads(kind):
                     assert_bits_equal(a, b, what=f"{case} rerun", nan_payload=True)
 
 
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_parity_large_output_huge_page_path(axis):
+    """Outputs of >= 32 MB take the huge-page allocation advice (csrc/cpu/huge_pages.cpp):
+    the values must not care.  9M fp32 elements = 36 MB for y and for grad_x."""
+    run_case(Case("lsq", 4, True, axis), (3, 48, 256, 256), torch.float32, seed=11)

@@ -27,6 +27,7 @@
 
 #include "q2ext/ada_math.h"
 #include "q2ext/cpu_isa.h"
+#include "q2ext/huge_pages.h"
 
 namespace q2ext {
 
@@ -460,6 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ada_loss_cpu(
   const auto ct = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = student.options().dtype(ct);
   at::Tensor p = at::empty(student.sizes(), opts);
+  advise_huge_pages(p);
   at::Tensor stats = at::empty({student.size(0), student.size(1), kRowStats}, opts);
   at::Tensor row_loss = at::empty({cfg.rows}, student.options().dtype(at::kDouble));
   const std::vector<double> steps = step_values(step, cfg.channels);
@@ -515,6 +517,7 @@ at::Tensor ada_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& stude
   const at::Tensor xsq = has_q ? student_q->contiguous() : at::Tensor();
   const at::Tensor p = teacher_dist.contiguous(), stats = row_stats.contiguous();
   at::Tensor dx = at::empty(student.sizes(), student.options());
+  advise_huge_pages(dx);
   const std::vector<double> steps = step_values(step, cfg.channels);
   // The incoming gradient lives on the CPU like everything here: reading it is not a sync.
   const double g = *grad.to(at::kDouble).contiguous().data_ptr<double>();

@@ -15,6 +15,7 @@
 #include "fake_quant_loops.h"
 #include "q2ext/cpu_isa.h"
 #include "q2ext/fake_quant_args.h"
+#include "q2ext/huge_pages.h"
 
 Q2EXT_DECLARE_ISA_ENTRY_POINTS(avx512)
 Q2EXT_DECLARE_ISA_ENTRY_POINTS(avx2)
@@ -100,6 +101,7 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
   check_fq_args(x, scale, zero_point, offset, quant_min, quant_max, axis, mode);
   at::Tensor xd = dense_input(x);
   at::Tensor y = at::empty_like(xd);
+  advise_huge_pages(y);
   const FqGeometry g = fq_geometry(xd, axis);
   if (g.numel == 0) return y;
   const float qmin = static_cast<float>(quant_min), qmax = static_cast<float>(quant_max);
@@ -221,6 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
   at::Tensor xd = dense_input(x);
   at::Tensor dy = like_layout(grad, xd);
   at::Tensor dx = at::empty_like(xd);
+  advise_huge_pages(dx);
   const FqGeometry g = fq_geometry(xd, axis);
   const float qmin = static_cast<float>(quant_min), qmax = static_cast<float>(quant_max);
   const Channels ch = make_channels(scale, zero_point, offset, mode, qmin, qmax);

@@ -23,6 +23,7 @@
 
 #include "q2ext/cpu_isa.h"
 #include "q2ext/gb_fusion_math.h"
+#include "q2ext/huge_pages.h"
 
 namespace q2ext {
 namespace cpu {
@@ -448,6 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cpu
   TORCH_CHECK(eps > 0, "q2ext gb_fusion: eps must be > 0, got ", eps);
   const auto fmt = g.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({g.n, g.c_out, x0.size(2), x0.size(3)}, x0.options(), fmt);
+  advise_huge_pages(out);
   at::Tensor mean = at::empty({g.n, x0.size(2), x0.size(3)}, x0.options().dtype(at_acc));
   at::Tensor rstd = at::empty_like(mean);
   at::Tensor alpha = at::empty({g.k}, lam.options());
@@ -495,6 +497,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusio
   std::vector<at::Tensor> grads;
   for (int64_t i = 0; i < g.k; ++i) {
     grads.push_back(at::empty_like(dense[i], fmt));
+    advise_huge_pages(grads.back());
     g.br[i].dx = grads.back().data_ptr();
     g.br[i].alpha = alpha_c.data_ptr<float>()[i];
   }
