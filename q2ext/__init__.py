@@ -11,6 +11,7 @@ from . import backend, nn, ops, reference
 from ._ext import cpu_isa, has_compiled, set_cpu_isa
 from .convert import convert
 from .distill import Q2Distiller
+from .export import export_onnx
 from .fusion import calibrate_gbfusion, fold_gbfusion, gradient_energy_report, insert_gbfusion
 from .nn.calibration import calibrate
 from .prepare import prepare, summary
@@ -22,5 +23,5 @@ if _ext.has_triton():
 __version__ = "0.1.0"
 
 __all__ = ["ops", "reference", "backend", "nn", "cpu_isa", "set_cpu_isa", "has_compiled", "__version__",
-           "QConfig", "LayerQConfig", "prepare", "summary", "calibrate", "convert",
+           "QConfig", "LayerQConfig", "prepare", "summary", "calibrate", "convert", "export_onnx",
            "insert_gbfusion", "fold_gbfusion", "calibrate_gbfusion", "gradient_energy_report", "Q2Distiller"]

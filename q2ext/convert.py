@@ -1,12 +1,25 @@
 """QAT model -> real int8 inference model (issue #6).
 
-``convert(model)`` replaces every trained ``QuantLinear`` / ``QuantConv2d`` by
+``convert(model, calib_batches)`` replaces every trained ``QuantLinear`` / ``QuantConv2d`` by
 ``Int8Linear`` / ``Int8Conv2d`` (or ``Int4Linear`` for weight-only), folding a following
 ``BatchNorm2d`` (eval statistics) into the int8 conv's per-channel epilogue scale and
 bias - exact, no weight re-rounding: ``bn(s_x s_W acc + b) = s_x (s_W g) acc + (b - mu) g + beta``
 with ``g = gamma / sqrt(var + eps)``.  Conv -> BN edges are found with torch.fx; a model
 that does not trace keeps its BatchNorms as float modules (still correct, just unfused).
-Q-GBFusion folding (#4) and ONNX Q/DQ export are not implemented here yet.
+
+Q-GBFusion nodes (#4) are frozen to their deployment form: alpha frozen, the per-pixel
+LayerNorm replaced by constants calibrated on ``calib_batches`` with the *fake-quant*
+model (its upstream is what the int model reproduces), i.e. one constant per-channel
+affine ``fuse(alpha_i x_i) * scale_c + shift_c`` (a FixedFusion).  That affine is not
+folded into a following quantized conv: it scales the conv's *input* channels, and
+``Q(W diag(a))`` is not ``Q(W) diag(a)`` - per-output-channel int8 steps cannot absorb a
+per-input-channel factor without re-rounding the trained weight codes, and the conv's
+learned per-tensor input step was trained on the normalised input, not on the raw fused
+one (the int8 kernel has no per-input-channel activation scale to fold it into either).
+So the FixedFusion stays in front of the int conv (one elementwise pass), and the int
+model equals the calibrated fake-quant model up to fp32 rounding.  Only a consumer left
+in float (a plain ``nn.Conv2d``, e.g. skipped by the QConfig) gets the affine folded into
+its weight, exactly (``fold_gbfusion(..., fold_shift="keep")``).
 """
 from __future__ import annotations
 
@@ -15,16 +28,20 @@ import copy
 import torch
 import torch.nn as nn
 
+from .fusion import calibrate_gbfusion, fold_gbfusion
+from .nn.gbfusion import FixedFusion, GBFusion
 from .nn.int_layers import Int4Linear, Int8Conv2d, Int8Linear
 from .nn.layers import QuantConv2d, QuantLinear
+from .nn.quantizers import Quantizer
 
 __all__ = ["convert"]
 
 
 class _Tracer(torch.fx.Tracer):
-    # The QAT layers live outside torch.nn, so fx would trace into them by default.
+    # The QAT layers live outside torch.nn, so fx would trace into them by default; a
+    # GBFusion's forward (list inputs, dtype promotion) does not trace.
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, (QuantConv2d, QuantLinear)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (QuantConv2d, QuantLinear, GBFusion, FixedFusion)) or super().is_leaf_module(m, qualname)
 
 
 def _conv_bn_pairs(model):
@@ -61,20 +78,59 @@ def _set(model, name, new):
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
+def _check_quantizers(model):
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (QuantConv2d, QuantLinear)):
+            continue
+        for kind, q in (("input_quantizer", mod.input_quantizer), ("weight_quantizer", mod.weight_quantizer)):
+            if isinstance(q, Quantizer) and not q.enabled:
+                raise ValueError(f"convert: {name}.{kind} is disabled; enable it or leave the layer in float")
+            if isinstance(q, Quantizer) and not q.is_initialized:
+                raise ValueError(f"convert: {name}.{kind} is not initialised; train or q2ext.calibrate the model first")
+
+
+def _calibrate_gbfusion(model, calib_batches):
+    """Freeze every GBFusion with calibrated LN constants (on the fake-quant model)."""
+    nodes = [(n, m) for n, m in model.named_modules() if isinstance(m, GBFusion)]
+    if not nodes:
+        return False
+    if calib_batches is not None:
+        calibrate_gbfusion(model, calib_batches)
+        return True
+    missing = [n for n, m in nodes if m.const_mean is None or m.branch_channels is None]
+    if missing:
+        raise ValueError(f"convert: GBFusion node(s) {missing} have no calibrated LayerNorm constants; pass "
+                         "calib_batches (an iterable of model inputs, e.g. a few training batches)")
+    for _, m in nodes:
+        m.freeze()
+        m.use_constants = True
+    return True
+
+
 @torch.no_grad()
-def convert(model: nn.Module, *, int4_weight_only: bool = False, group_size: int = 128,
+def convert(model: nn.Module, calib_batches=None, *, int4_weight_only: bool = False, group_size: int = 128,
             inplace: bool = False) -> nn.Module:
     """Int inference copy of a trained QAT model (call ``model.eval()`` first).
 
     Args:
+        model: a prepared (``q2ext.prepare``) and trained model, quantizers initialised.
+        calib_batches: iterable of model inputs (tensors or tuples of positional args) on
+            which the LayerNorm constants of every GBFusion node are (re)calibrated.  None:
+            nodes calibrated before (``q2ext.calibrate_gbfusion``) keep their constants,
+            an uncalibrated node raises ValueError.  Unused without GBFusion nodes.
         int4_weight_only: convert QuantLinear layers to Int4Linear (W4A16) instead of
             Int8Linear; convs stay W8A8.
         group_size: Int4Linear group size (in_features must be a multiple of it).
         inplace: modify ``model`` instead of a deep copy.
+    Returns the int model: Int8Conv2d/Int8Linear/Int4Linear layers, BatchNorms after a
+    quantized conv folded, GBFusion nodes as constant FixedFusion affines (see the module
+    docstring for why they are not folded into the quantized conv that follows).
     """
     if model.training:
         raise ValueError("convert: call model.eval() first (BatchNorm folding uses running statistics)")
+    _check_quantizers(model)
     model = model if inplace else copy.deepcopy(model)
+    has_gbfusion = _calibrate_gbfusion(model, calib_batches)
     pairs = _conv_bn_pairs(model)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QuantConv2d):
@@ -85,4 +141,8 @@ def convert(model: nn.Module, *, int4_weight_only: bool = False, group_size: int
             _set(model, name, new)
         elif isinstance(mod, QuantLinear):
             _set(model, name, Int4Linear.from_qat(mod, group_size) if int4_weight_only else Int8Linear.from_qat(mod))
+    if has_gbfusion:
+        # After the swap no quantized conv is an nn.Conv2d any more: fold_gbfusion keeps the
+        # constant affine in front of the int layers and folds only into float convs.
+        fold_gbfusion(model, None, fold_shift="keep")
     return model
