@@ -1,7 +1,15 @@
 """The `q2ext` command line (also `python -m q2ext`).
 
-  q2ext bench [--quick] [--device cpu|cuda] [--out FILE.md]
-      kernel microbenchmarks against PyTorch's own ops, measured in the same run.
+  q2ext bench [--quick] [--device cpu|cuda] [--only SUITE] [--out FILE.md] [--plot FILE.png]
+      the kernel microbenchmarks and the W4A4 QAT-step benchmark, one summary table of
+      speedups against baselines measured in the same run.
+  q2ext demo [--quick] [--seeds N] [--bits B] [--quantizer lsq|lsq+|pact] [--out DIR] [--device cpu|cuda]
+      a miniature reproduction of the Q² result (q2ext.demo): FP32 U-Net on procedural
+      shapes -> W<B>A<B> QAT with and without Q-GBFusion / Q-ADA; table, results.json, PNGs.
+  q2ext report CHECKPOINT
+      q2ext.summary and the gradient-energy report of a model saved by `q2ext demo`.
+
+Bad options exit with status 2 and a message naming the option.
 """
 from __future__ import annotations
 
@@ -9,33 +17,163 @@ import argparse
 import sys
 
 
+def _writable_file(path):
+    """None when `path` can be written (checked by creating it), else the reason."""
+    import os
+
+    try:
+        existed = os.path.exists(path)
+        with open(path, "a"):
+            pass
+        if not existed:
+            os.remove(path)  # leave no empty file behind if the run fails later
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def _bench(args) -> int:
     import torch
 
-    from .benchmarks import fake_quant
+    from .benchmarks import suite
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("q2ext bench: --device cuda requested but no CUDA device is available", file=sys.stderr)
         return 2
-    table, _ = fake_quant.run(quick=args.quick, device=args.device)
-    if args.out:
-        try:
-            with open(args.out, "w") as f:
-                f.write(table + "\n")
-        except OSError as exc:
-            print(f"q2ext bench: cannot write --out {args.out}: {exc}", file=sys.stderr)
+    # Output paths are checked before the benchmarks run (minutes), not after.
+    for opt, path in (("--out", args.out), ("--plot", args.plot)):
+        reason = path and _writable_file(path)
+        if reason:
+            print(f"q2ext bench: cannot write {opt} {path}: {reason}", file=sys.stderr)
             return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("q2ext bench: --plot needs matplotlib: pip install 'q2ext[demo]'", file=sys.stderr)
+            return 2
+    table, records = suite.run(quick=args.quick, device=args.device, only=args.only)
+    if args.out:
+        from .benchmarks.common import machine_info
+
+        with open(args.out, "w") as f:
+            f.write(machine_info() + "\n\n" + table + "\n")
+    if args.plot:
+        suite.plot(records, args.plot)
+        print(f"wrote {args.plot}")
     return 0
+
+
+def _writable_dir(path):
+    """None when `path` is (or can be made) a writable directory, else the reason."""
+    import os
+
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        return str(exc)
+    if not os.path.isdir(path):
+        return "not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "permission denied"
+    return None
+
+
+def _demo(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from . import demo
+
+    # Every option is checked before any data is drawn or any model trained.
+    if not 2 <= args.bits <= 8:
+        print(f"q2ext demo: --bits must be in 2..8, got {args.bits}", file=sys.stderr)
+        return 2
+    if args.seeds is not None and args.seeds < 1:
+        print(f"q2ext demo: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("q2ext demo: --device cuda requested but no CUDA device is available", file=sys.stderr)
+        return 2
+    missing = demo.missing_dependencies()
+    if missing:
+        print(f"q2ext demo: needs {', '.join(missing)}: pip install q2ext[demo]", file=sys.stderr)
+        return 2
+    reason = _writable_dir(args.out)
+    if reason:
+        print(f"q2ext demo: cannot write --out {args.out}: {reason}", file=sys.stderr)
+        return 2
+    base = demo.quick_config() if args.quick else demo.DemoConfig()
+    seeds = args.seeds if args.seeds is not None else len(base.seeds)
+    cfg = dataclasses.replace(base, seeds=tuple(range(seeds)), bits=args.bits, quantizer=args.quantizer,
+                              device=args.device)
+    demo.main(cfg, args.out, progress=not args.no_progress)
+    return 0
+
+
+def _report(args) -> int:
+    import os
+
+    import torch
+
+    from . import gradient_energy_report, summary
+
+    if not os.path.isfile(args.checkpoint):
+        print(f"q2ext report: CHECKPOINT {args.checkpoint!r} is not a file", file=sys.stderr)
+        return 2
+    try:
+        # A whole pickled module (what `q2ext demo` saves): weights_only=False runs the
+        # pickle's code, so only load checkpoints from a source you trust.
+        model = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        print(f"q2ext report: cannot load CHECKPOINT {args.checkpoint!r}: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 2
+    if not isinstance(model, torch.nn.Module):
+        print(f"q2ext report: CHECKPOINT {args.checkpoint!r} holds a {type(model).__name__}, not a model "
+              "(save the whole module, e.g. the files `q2ext demo` writes under --out/models)", file=sys.stderr)
+        return 2
+    print(summary(model))
+    energy = gradient_energy_report(model)
+    print()
+    print(energy.table() if energy.rows else "gradient energy: no GBFusion node in this model")
+    return 0
+
+
+def suite_names():
+    from .benchmarks.suite import SUITES  # light: the suite imports its benchmarks lazily
+
+    return SUITES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="q2ext", description="Fast low-bit QAT kernels and the Q² method.")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="kernel microbenchmarks vs PyTorch baselines")
-    bench.add_argument("--quick", action="store_true", help="small shapes, short runs (< 1 minute)")
+    bench = sub.add_parser("bench", help="benchmarks vs PyTorch baselines (one summary table)")
+    bench.add_argument("--quick", action="store_true", help="small shapes, one round each, no torch.compile baselines (a few minutes)")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    bench.add_argument("--out", help="also write the table (markdown) to this file")
+    bench.add_argument("--out", help="also write the summary table (markdown) to this file")
+    bench.add_argument("--plot", metavar="FILE.png", help="draw the speedups of the summary table")
+    bench.add_argument("--only", action="append", choices=suite_names(), metavar="SUITE",
+                       help=f"run only this suite (repeatable): {', '.join(suite_names())}")
     bench.set_defaults(func=_bench)
+
+    demo = sub.add_parser("demo", help="miniature Q² reproduction on procedural segmentation data")
+    demo.add_argument("--quick", action="store_true", help="tiny smoke-test run (< 1 minute on 2 CPU cores)")
+    demo.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
+    demo.add_argument("--bits", type=int, default=4, help="weight and activation bits, 2..8 (default 4)")
+    demo.add_argument("--quantizer", choices=("lsq", "lsq+", "pact"), default="lsq",
+                      help="activation quantizer of the QAT variants (weights: LSQ)")
+    demo.add_argument("--out", default="q2ext-demo", help="output directory (default ./q2ext-demo)")
+    demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    demo.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    demo.set_defaults(func=_demo)
+
+    report = sub.add_parser("report", help="summary and gradient-energy report of a saved prepared model")
+    report.add_argument("checkpoint", metavar="CHECKPOINT", help="a model saved whole by torch.save "
+                        "(e.g. q2ext-demo/models/qat_gbf_seed0.pt)")
+    report.set_defaults(func=_report)
     return parser
 
 
