@@ -18,6 +18,7 @@ from .common import machine_info, median_seconds, print_table
 W8_SHAPES = [(1024, 1024, 1024), (4096, 256, 1024)]
 W8_QUICK = [(1024, 1024, 1024)]
 W4_SHAPES = [(1, 4096, 4096), (16, 4096, 4096)]
+W4_QUICK = [(1, 4096, 4096)]
 GROUP = 128
 
 
@@ -97,23 +98,40 @@ def bench_w4a16(shapes, min_run_time):
     return rows, speed
 
 
-def run(quick: bool = False, min_run_time: float = 0.5) -> str:
+def _records(speed, pairs):
+    """Summary records (q2ext path vs baseline path, same shape) from the GOP/s tables."""
+    out = []
+    for (m, n, k, name), gops in speed.items():
+        for ours, theirs in pairs:
+            if name == ours and (m, n, k, theirs) in speed:
+                ms = lambda g: 2.0 * m * n * k / g / 1e6  # noqa: E731  GOP/s -> ms
+                out.append(dict(case=f"{m}x{n}x{k} {ours}", baseline=theirs, baseline_ms=ms(speed[(m, n, k, theirs)]),
+                                q2ext_ms=ms(gops), speedup=gops / speed[(m, n, k, theirs)]))
+    return out
+
+
+def run(quick: bool = False, min_run_time: float = 0.5):
+    """Run the benchmark; returns (text with the tables, summary records)."""
     head = ["shape MxNxK", "path", "ms", "GFLOP/s or GOP/s", "vs first row"]
     out = [machine_info()]
     print(out[0], flush=True)
     r8, s8 = bench_w8a8(W8_QUICK if quick else W8_SHAPES, min_run_time)
     out.append(print_table(r8, head))
-    r4, s4 = bench_w4a16(W4_SHAPES, min_run_time)
+    r4, s4 = bench_w4a16(W4_QUICK if quick else W4_SHAPES, min_run_time)
     out.append(print_table(r4, head))
     m, n, k = 1024, 1024, 1024
     e2e = s8[(m, n, k, "q2ext w8a8_linear end to end (fp32 in/out)")]
     lines = [
         f"W8A8 1024^3 end to end: {e2e / s8[(m, n, k, 'fp32 F.linear')]:.2f}x fp32 F.linear (target >= 6x), "
         f"{e2e / s8[(m, n, k, 'torch._int_mm composite (quant+mm+dequant)')]:.2f}x the _int_mm composite (target >= 1.2x)"]
-    for mm in (1, 16):
+    for mm in sorted({s[0] for s in s4}):
         for dt in ("bf16", "fp32"):
             ours = s4[(mm, 4096, 4096, f"q2ext w4a16_mm ({dt} x)")]
             theirs = s4[(mm, 4096, 4096, f"torch int4pack_mm_for_cpu ({dt} x)")]
             lines.append(f"W4A16 M={mm} {dt}: {ours / theirs:.2f}x torch int4pack (target >= 1.2x)")
     print("\n".join(lines), flush=True)
-    return "\n\n".join(out + ["\n".join(lines)])
+    e2e_name = "q2ext w8a8_linear end to end (fp32 in/out)"
+    records = _records(s8, [(e2e_name, "fp32 F.linear"), (e2e_name, "torch._int_mm composite (quant+mm+dequant)")])
+    records += _records(s4, [(f"q2ext w4a16_mm ({dt} x)", f"torch int4pack_mm_for_cpu ({dt} x)")
+                             for dt in ("bf16", "fp32")])
+    return "\n\n".join(out + ["\n".join(lines)]), records

@@ -1,0 +1,110 @@
+"""`q2ext bench`: every benchmark in one run, summarised as one table of speedups.
+
+Each suite (fake quant, Q-GBFusion, Q-ADA, int GEMMs, the W4A4 QAT training step) prints its
+own detailed table as it goes; the summary has one row per (case, baseline) with the
+baseline and q2ext timed in the same process.  Speedup = baseline time / q2ext time.
+"""
+from __future__ import annotations
+
+import math
+
+from .common import machine_info, print_table
+
+SUITES = ("fake_quant", "gbfusion", "ada", "gemm", "qat_step")
+CPU_ONLY = ("gemm", "qat_step")  # the int GEMMs and the QAT-step models run on the CPU only
+
+
+def _fake_quant(quick, device):
+    from . import fake_quant
+
+    _, recs = fake_quant.run(quick=quick, device=device)
+    return [("fake quant", f"{r['case']} {r['pass_']}", r["baseline"], r["baseline_ms"], r["q2ext_ms"])
+            for r in recs if r["baseline_ms"] is not None]
+
+
+def _gbfusion(quick, device):
+    from . import gbfusion
+
+    _, recs = gbfusion.run(quick=quick, device=device, compiled=not quick)
+    return [("Q-GBFusion", f"{r['case']} {r['dtype']} {r['layout']}", r["baseline"], r["baseline_ms"], r["q2ext_ms"])
+            for r in recs]
+
+
+def _ada(quick, device):
+    from . import ada
+
+    _, recs = ada.run(quick=quick, device=device)
+    return [("Q-ADA", r["case"], "composite (PyTorch ops)", r["composite_ms"], r["q2ext_ms"]) for r in recs]
+
+
+def _gemm(quick, device):
+    from . import gemm
+
+    _, recs = gemm.run(quick=quick)
+    return [("int GEMM", r["case"], r["baseline"], r["baseline_ms"], r["q2ext_ms"]) for r in recs]
+
+
+def _qat_step(quick, device):
+    from . import qat_step
+
+    _, _, recs = qat_step.run(quick=quick, compile_variants=not quick, profile=False)
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in recs):
+        by = {r["variant"]: r["ms"] for r in recs if r["model"] == model}
+        for variant, ms in by.items():
+            if variant != "q2ext" and not variant.startswith("q2ext,"):
+                # vs FP32 the "speedup" is below 1: it is the QAT overhead (target >= 1/1.15).
+                rows.append(("W4A4 QAT step", model, variant, ms, by["q2ext"]))
+    return rows
+
+
+_RUNNERS = {"fake_quant": _fake_quant, "gbfusion": _gbfusion, "ada": _ada, "gemm": _gemm, "qat_step": _qat_step}
+
+
+def run(quick: bool = False, device: str = "cpu", only=None):
+    """Run the suites; returns (summary markdown table, records)."""
+    chosen = list(only or SUITES)
+    unknown = [s for s in chosen if s not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown benchmark suite(s) {unknown}; choose from {list(SUITES)}")
+    rows = []
+    for name in chosen:
+        if device != "cpu" and name in CPU_ONLY:
+            print(f"[{name}: CPU only, skipped on {device}]", flush=True)
+            continue
+        print(f"\n## {name}", flush=True)
+        rows += _RUNNERS[name](quick, device)
+    records = [dict(suite=s, case=c, baseline=b, baseline_ms=tb, q2ext_ms=tq, speedup=tb / tq)
+               for s, c, b, tb, tq in rows]
+    print(f"\n## summary (speedup = baseline ms / q2ext ms, same run)\n{machine_info()}", flush=True)
+    table = print_table([[r["suite"], r["case"], r["baseline"], f"{r['baseline_ms']:.3f}", f"{r['q2ext_ms']:.3f}",
+                          f"{r['speedup']:.2f}x"] for r in records],
+                        ["suite", "case", "baseline", "baseline ms", "q2ext ms", "speedup"])
+    return table, records
+
+
+def plot(records, path: str) -> None:
+    """Horizontal bar chart of the speedups (log scale), one bar per summary row."""
+    try:
+        import matplotlib
+    except ImportError as exc:  # pragma: no cover - matplotlib is in the demo extra
+        raise RuntimeError("--plot needs matplotlib: pip install 'q2ext[demo]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['suite']}: {r['case']} vs {r['baseline']}" for r in records]
+    values = [r["speedup"] for r in records]
+    fig, ax = plt.subplots(figsize=(11, 0.28 * len(records) + 1.5))
+    colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
+    ax.barh(range(len(values)), values, color=colors)
+    ax.set_yticks(range(len(values)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("speedup of q2ext over the baseline (log scale; >1 = q2ext faster)")
+    ax.set_title(machine_info(), fontsize=8)
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.2f}x" if math.isfinite(v) else " n/a", va="center", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
