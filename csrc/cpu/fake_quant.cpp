@@ -27,7 +27,17 @@ namespace {
 
 using SegmentFn = void (*)(const SegmentArgs&);
 
-constexpr int64_t kChunk = 1 << 14;  // elements per work item / parallel grain
+constexpr int64_t kChunk = 1 << 14;  // elements per work item (fixes the reduction order)
+
+// Work below this many elements runs on the calling thread: for ~1 MB of memory-bound work
+// waking the OpenMP workers costs about what they save, and on an oversubscribed machine a
+// descheduled worker stalls the whole op for a scheduler time slice (~8 ms on the 2-vCPU CI
+// VM).  Only the distribution of work items over threads depends on this, never the items
+// themselves, so results stay independent of the thread count.
+constexpr int64_t kParallelMinElems = 1 << 18;
+int64_t grain_items(int64_t elems_per_item) {
+  return std::max<int64_t>(1, kParallelMinElems / std::max<int64_t>(1, elems_per_item));
+}
 
 struct IsaTable {
   SegmentFn fwd[3];  // f32, bf16, f16
@@ -111,7 +121,7 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale,
   const char* xp = static_cast<const char*>(xd.data_ptr());
   char* yp = static_cast<char*>(y.data_ptr());
   const bool innermost = g.inner == 1 && g.channels > 1;
-  at::parallel_for(0, g.numel, kChunk, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.numel, grain_items(1), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end;) {
       int64_t c, len;
       if (innermost) {
@@ -146,8 +156,7 @@ Sums backward_runs(const SegmentFn fn, const Channels& ch, const FqGeometry& g,
   const int64_t runs = g.numel / g.inner;
   const int64_t items = runs * pieces;
   std::vector<float> part_s(items), part_c(items);
-  const int64_t grain = std::max<int64_t>(1, kChunk / std::min(g.inner, kChunk));
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items, grain_items(std::min(g.inner, kChunk)), [&](int64_t begin, int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t run = it / pieces, piece = it % pieces;
       const int64_t start = run * g.inner + piece * kChunk;
@@ -183,7 +192,8 @@ Sums backward_rows(const SegmentFn fn, const Channels& ch, const FqGeometry& g,
   const int64_t rows = g.numel / g.channels;
   Sums sums{std::vector<double>(g.channels, 0.0), std::vector<double>(g.channels, 0.0)};
   const int64_t blocks = (g.channels + kChannelBlock - 1) / kChannelBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, grain_items(rows * std::min(kChannelBlock, g.channels)),
+                   [&](int64_t begin, int64_t end) {
     std::vector<float> acc_s(kChannelBlock), acc_c(kChannelBlock);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t c0 = b * kChannelBlock;
