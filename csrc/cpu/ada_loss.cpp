@@ -28,6 +28,7 @@
 #include "q2ext/ada_math.h"
 #include "q2ext/cpu_isa.h"
 #include "q2ext/huge_pages.h"
+#include "q2ext/storage_dispatch.h"
 
 namespace q2ext {
 
@@ -434,17 +435,6 @@ Config make_config(const at::Tensor& x, double gamma, double kappa, int64_t dive
   cfg.js = divergence == kDivJs;
   cfg.softmax = normalize == kNormSoftmax;
   return cfg;
-}
-
-// Storage type for a scalar type: the 16-bit formats use fake_quant_math.h's structs.
-template <typename Fn>
-void dispatch_storage(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kDouble: fn(double{}); break;
-    case at::kBFloat16: fn(bf16_t{}); break;
-    default: fn(f16_t{}); break;
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ada_loss_cpu(

@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "q2ext/ada_math.h"
+#include "q2ext/storage_dispatch.h"
 
 namespace q2ext {
 
@@ -270,16 +271,6 @@ Params make_params(const at::Tensor& x, const at::Tensor& step_d, double gamma, 
   TORCH_CHECK(a.rows <= std::numeric_limits<int32_t>::max(),
               "ada_loss: N * C must be < 2^31 on CUDA, got ", a.rows);
   return a;
-}
-
-template <typename Fn>
-void dispatch_storage(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kDouble: fn(double{}); break;
-    case at::kBFloat16: fn(bf16_t{}); break;
-    default: fn(f16_t{}); break;
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ada_loss_cuda(
