@@ -85,3 +85,23 @@ def test_int8_linear_compiles():
     x = torch.randn(4, 64)
     fn = torch.compile(m, fullgraph=True, backend="eager")
     assert torch.equal(fn(x), m(x))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_int8_conv_dilation_and_layouts(channels_last):
+    """The int8 im2col path (static step): dilation, asymmetric padding/stride, signed grid,
+    a channels-last input (its NHWC rows are a free view) - against the fake-quant layer."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(6, 10, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(2, 3))
+    x = torch.randn(2, 6, 13, 12)
+    q = _qat(conv, LayerQConfig(w_bits=8, a_bits=8, a_quantizer="lsq", a_signed=True), x)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = q(x)
+        int_conv = Int8Conv2d.from_qat(q)
+        got = int_conv(x)
+        rows = int_conv._float_rows(x, 2, want.shape[2], want.shape[3], False)[0].permute(0, 3, 1, 2)
+    assert got.shape == want.shape
+    assert _rel(got, want) < 1e-5
+    assert torch.equal(got, rows)  # int32 sums are exact: both row builders give the same bits
