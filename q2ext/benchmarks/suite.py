@@ -7,6 +7,7 @@ baseline and q2ext timed in the same process.  Speedup = baseline time / q2ext t
 from __future__ import annotations
 
 import math
+import textwrap
 
 from .common import machine_info, print_table
 
@@ -92,19 +93,20 @@ def plot(records, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['suite']}: {r['case']} vs {r['baseline']}" for r in records]
+    labels = [textwrap.fill(f"{r['suite']}: {r['case']} vs {r['baseline']}", 70) for r in records]
     values = [r["speedup"] for r in records]
-    fig, ax = plt.subplots(figsize=(11, 0.28 * len(records) + 1.5))
+    fig, ax = plt.subplots(figsize=(12, 0.36 * len(records) + 1.5))
     colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
     ax.barh(range(len(values)), values, color=colors)
     ax.set_yticks(range(len(values)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("speedup of q2ext over the baseline (log scale; >1 = q2ext faster)")
+    ax.set_xlabel("speedup of q2ext over the baseline (log scale; >1 = q2ext faster; "
+                  "vs FP32 the QAT step's overhead)")
     ax.set_title(machine_info(), fontsize=8)
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.2f}x" if math.isfinite(v) else " n/a", va="center", fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long labels: grow the canvas, do not clip
     plt.close(fig)
