@@ -227,9 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
     const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& offset,
     int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, int64_t mode,
     double grad_factor, std::array<bool, 3> output_mask) {
-  check_fq_args(x, scale, zero_point, offset, quant_min, quant_max, axis, mode);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
-              "q2ext fake quant backward: grad must match x in shape and dtype");
+  check_fq_backward_args(grad, x, scale, zero_point, offset, quant_min, quant_max, axis, mode);
   at::Tensor xd = dense_input(x);
   at::Tensor dy = like_layout(grad, xd);
   at::Tensor dx = at::empty_like(xd);

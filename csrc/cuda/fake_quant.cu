@@ -439,11 +439,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
     const std::optional<at::Tensor>& zero_point, const std::optional<at::Tensor>& offset,
     int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, int64_t mode,
     double grad_factor, std::array<bool, 3> output_mask) {
-  check_fq_args(x, scale, zero_point, offset, quant_min, quant_max, axis, mode);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
-              "q2ext fake quant backward: grad must match x in shape and dtype");
-  TORCH_CHECK(grad.device() == x.device(), "q2ext fake quant backward: grad is on ",
-              grad.device(), " but x is on ", x.device());
+  check_fq_backward_args(grad, x, scale, zero_point, offset, quant_min, quant_max, axis, mode);
   c10::cuda::CUDAGuard guard(x.device());
   const bool want_dx = output_mask[0], want_ds = output_mask[1];
   const bool want_dt = output_mask[2] && (zero_point.has_value() || offset.has_value());

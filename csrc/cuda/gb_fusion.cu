@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "q2ext/gb_fusion_args.h"
 #include "q2ext/gb_fusion_math.h"
 
 namespace q2ext {
@@ -274,15 +275,8 @@ int grid_for(int64_t total, int device) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t(sm_count(device)) * kBlocksPerSm)));
 }
 
-at::ScalarType acc_of(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-void check_vec(const char* name, const at::Tensor& t, int64_t n, at::ScalarType dt, const at::Tensor& x0) {
-  TORCH_CHECK(t.scalar_type() == dt, "q2ext gb_fusion: ", name, " must be ", dt, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x0.device(), "q2ext gb_fusion: ", name, " is on ", t.device(), " but branches[0] is on ",
-              x0.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "q2ext gb_fusion: ", name, " must have shape [", n, "], got ",
-              t.sizes());
-}
+using gb::check_vec;
+at::ScalarType acc_of(const at::Tensor& x) { return gb::acc_type(x); }
 
 // Validates the branches and makes them dense in branches[0]'s layout.
 Params make_params(const at::TensorList& branches, int64_t mode, std::vector<at::Tensor>& dense) {
@@ -345,13 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cud
   const at::Tensor& x0 = branches[0];
   c10::cuda::CUDAGuard guard(x0.device());
   const auto acc = acc_of(x0);
-  check_vec("lam", lam, P.k, at::kFloat, x0);
-  TORCH_CHECK(weight.has_value() == bias.has_value(), "q2ext gb_fusion: pass both weight and bias, or neither");
-  if (weight.has_value()) {
-    check_vec("weight", *weight, P.c_out, acc, x0);
-    check_vec("bias", *bias, P.c_out, acc, x0);
-  }
-  TORCH_CHECK(eps > 0, "q2ext gb_fusion: eps must be > 0, got ", eps);
+  gb::check_forward_params(x0, lam, weight, bias, P.k, P.c_out, eps);
   const auto fmt = P.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({x0.size(0), P.c_out, x0.size(2), x0.size(3)}, x0.options(), fmt);
   at::Tensor mean = at::empty({x0.size(0), x0.size(2), x0.size(3)}, x0.options().dtype(acc));
@@ -432,16 +420,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusio
 
 void gb_fusion_update_cuda(const at::Tensor& lam, const at::Tensor& g_ema, const at::Tensor& g_sq,
                            const std::optional<at::Tensor>& tau, double beta, double eta, double eps, double lam_clip) {
-  TORCH_CHECK(lam.dim() == 1 && lam.scalar_type() == at::kFloat, "q2ext gb_fusion_update: lam must be fp32 [K], got ",
-              lam.scalar_type(), " ", lam.sizes());
-  const int64_t k = lam.size(0);
-  TORCH_CHECK(k <= kGbMaxBranches, "q2ext gb_fusion_update: at most ", kGbMaxBranches, " branches");
-  check_vec("g_ema", g_ema, k, at::kFloat, lam);
-  check_vec("g_sq", g_sq, k, at::kFloat, lam);
-  if (tau.has_value()) check_vec("tau", *tau, k, at::kFloat, lam);
-  TORCH_CHECK(lam_clip > 0, "q2ext gb_fusion_update: lam_clip must be > 0, got ", lam_clip);
-  TORCH_CHECK(lam.is_contiguous() && g_ema.is_contiguous(),
-              "q2ext gb_fusion_update: lam and g_ema must be contiguous (updated in place)");
+  const int64_t k = gb::check_update_args(lam, g_ema, g_sq, tau, lam_clip, kGbMaxBranches);
   c10::cuda::CUDAGuard guard(lam.device());
   at::Tensor gs = g_sq.contiguous();
   at::Tensor tc = tau.has_value() ? tau->contiguous() : at::Tensor();

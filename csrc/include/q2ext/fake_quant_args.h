@@ -79,4 +79,16 @@ inline void check_fq_args(const at::Tensor& x, const at::Tensor& scale,
               "q2ext fake quant: PACT takes quant_min = 0 and no zero_point/offset");
 }
 
+// The backward's arguments: the forward's, plus a grad like x (shape, dtype, device).
+inline void check_fq_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
+                                   const std::optional<at::Tensor>& zero_point,
+                                   const std::optional<at::Tensor>& offset, int64_t quant_min,
+                                   int64_t quant_max, std::optional<int64_t> axis, int64_t mode) {
+  check_fq_args(x, scale, zero_point, offset, quant_min, quant_max, axis, mode);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
+              "q2ext fake quant backward: grad must match x in shape and dtype");
+  TORCH_CHECK(grad.device() == x.device(), "q2ext fake quant backward: grad is on ",
+              grad.device(), " but x is on ", x.device());
+}
+
 }  // namespace q2ext

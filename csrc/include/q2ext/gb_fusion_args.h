@@ -1,0 +1,61 @@
+#pragma once
+// Host-side argument checks shared by the CPU and CUDA Q-GBFusion ops (messages name the
+// argument; the Python fake kernels in q2ext/_ops_gbfusion.py make the same checks).
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace q2ext::gb {
+
+// Accumulation/compute type of the kernels (and of weight, bias, mean, rstd): fp64 for
+// fp64 branches, else fp32.
+inline at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A 1-D parameter or state vector of length n, dtype dt, on branches[0]'s device.
+inline void check_vec(const char* name, const at::Tensor& t, int64_t n, at::ScalarType dt,
+                      const at::Tensor& x0) {
+  TORCH_CHECK(t.scalar_type() == dt, "q2ext gb_fusion: ", name, " must be ", dt, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == x0.device(), "q2ext gb_fusion: ", name, " is on ", t.device(),
+              " but branches[0] is on ", x0.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "q2ext gb_fusion: ", name, " must have shape [", n,
+              "], got ", t.sizes());
+}
+
+// The forward's non-branch arguments, for K branches fusing into c_out channels.
+inline void check_forward_params(const at::Tensor& x0, const at::Tensor& lam,
+                                 const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias, int64_t k, int64_t c_out,
+                                 double eps) {
+  check_vec("lam", lam, k, at::kFloat, x0);
+  TORCH_CHECK(weight.has_value() == bias.has_value(),
+              "q2ext gb_fusion: pass both weight and bias, or neither");
+  if (weight.has_value()) {
+    check_vec("weight", *weight, c_out, acc_type(x0), x0);
+    check_vec("bias", *bias, c_out, acc_type(x0), x0);
+  }
+  TORCH_CHECK(eps > 0, "q2ext gb_fusion: eps must be > 0, got ", eps);
+}
+
+// The controller state updated in place by gb_fusion_update; returns K.  max_branches is
+// kGbMaxBranches (gb_fusion_math.h), passed in so this header needs no device code.
+inline int64_t check_update_args(const at::Tensor& lam, const at::Tensor& g_ema, const at::Tensor& g_sq,
+                                 const std::optional<at::Tensor>& tau, double lam_clip,
+                                 int64_t max_branches) {
+  TORCH_CHECK(lam.dim() == 1 && lam.scalar_type() == at::kFloat,
+              "q2ext gb_fusion_update: lam must be fp32 [K], got ", lam.scalar_type(), " ", lam.sizes());
+  const int64_t k = lam.size(0);
+  TORCH_CHECK(k <= max_branches, "q2ext gb_fusion_update: at most ", max_branches, " branches");
+  check_vec("g_ema", g_ema, k, at::kFloat, lam);
+  check_vec("g_sq", g_sq, k, at::kFloat, lam);
+  if (tau.has_value()) check_vec("tau", *tau, k, at::kFloat, lam);
+  TORCH_CHECK(lam_clip > 0, "q2ext gb_fusion_update: lam_clip must be > 0, got ", lam_clip);
+  TORCH_CHECK(lam.is_contiguous() && g_ema.is_contiguous(),
+              "q2ext gb_fusion_update: lam and g_ema must be contiguous (updated in place)");
+  return k;
+}
+
+}  // namespace q2ext::gb
