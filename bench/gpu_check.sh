@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One-shot GPU verification for a session that is lent a device (the H200 of the device
+# tool): build the CUDA kernels for sm_90 there, run the CUDA tests, check the native
+# Triton kernels against the reference, and run the GPU benchmarks.  Everything it prints
+# also lands under $OUT.  Not used by CI (CI has no GPU).
+#   run(command="bash bench/gpu_check.sh", timeout_s=540)
+# The device image has its own python3 with torch/triton/numpy/pytest (see the device
+# tool's KINDS.md); its torch version differs from the pinned one, which is fine for a
+# build in place.  Budget: build ~3 min on 16 cores, tests ~2 min, benchmarks ~3 min.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/q2ext_gpu_out}
+mkdir -p "$OUT"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0 Q2EXT_USE_CUDA=1 MAX_JOBS=16
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+PY=${PY:-python3}
+step() { echo "== $1 $(date +%T)" | tee -a "$OUT/steps.txt"; }
+
+step env
+{ nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/env.txt"
+
+step build
+$PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+tail -3 "$OUT/build.log"
+
+step cuda-tests
+$PY -m pytest -q -x tests/test_cuda.py -p no:cacheprovider 2>&1 | tee "$OUT/test_cuda.txt" | tail -15
+
+step triton-native
+$PY - <<'PYEOF' 2>&1 | tee "$OUT/triton_native.txt"
+# Native Triton and the CUDA kernel on the GPU vs q2ext/reference.py (fp32: bit-exact) and
+# vs the CPU kernel (every dtype: bit-exact - the same per-element math, fake_quant_math.h).
+import torch, q2ext
+from q2ext import reference as R
+from q2ext.triton import fake_quant as T
+
+def bits(t):
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+torch.manual_seed(0)
+bad = 0
+for shape, axis in [((4, 64, 56, 56), None), ((64, 32, 3, 3), 0), ((8, 128, 28, 28), 1), ((1025,), None)]:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = (torch.randn(shape) * 3).to(dtype)
+        s = torch.rand(1 if axis is None else shape[axis]) * 0.1 + 0.01
+        args = (None, None, -8, 7, axis, 0, 1.0)
+        cpu = torch.ops.q2ext.fake_quant(x, s, *args)
+        for name, fn in (("triton", T.fake_quant_triton), ("cuda", torch.ops.q2ext.fake_quant)):
+            got = fn(x.cuda(), s.cuda(), *args).cpu()
+            ok = torch.equal(bits(got), bits(cpu))
+            if dtype == torch.float32:
+                ok = ok and torch.equal(bits(got), bits(R.fake_quant(x, s, *args)))
+            bad += not ok
+            print(f"{name:6s} {str(shape):18s} axis={axis} {dtype}: {'ok' if ok else 'MISMATCH'}")
+print("mismatching cases:", bad)
+PYEOF
+
+step benchmarks
+for b in fake_quant gbfusion ada; do
+  $PY bench/bench_$b.py --device cuda > "$OUT/bench_$b.txt" 2>&1; echo "bench_$b rc=$?"; grep "^|" "$OUT/bench_$b.txt" | head -40
+done
+step done
