@@ -56,7 +56,25 @@ def _check(kernel, ref, truth, dtype, scale=None):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_forward_backward_match_reference(device, dtype, channels_last, case):
-    mode, shapes, affine = CASES[case]
+    _match_reference(device, dtype, channels_last, *CASES[case])
+
+
+# fp32 NCHW outputs of >= 4 MB are written with non-temporal stores on the AVX-512 path
+# (full, 64-byte aligned row pieces only): FPN P3 (aligned, full blocks) and a concat
+# whose rows are unaligned and end in a partial block.
+LARGE_CASES = [
+    (R.MODE_ADD, [(2, 256, 64, 64)] * 2, False),
+    (R.MODE_CONCAT, [(1, 96, 91, 91), (1, 64, 91, 91)], False),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(LARGE_CASES)))
+def test_large_outputs_match_reference(device, case):
+    _match_reference(device, torch.float32, False, *LARGE_CASES[case])
+
+
+def _match_reference(device, dtype, channels_last, mode, shapes, affine):
     xs = _branches(shapes, dtype, device, channels_last)
     k, c = len(shapes), _channels(mode, shapes)
     g = torch.Generator().manual_seed(1)
@@ -105,7 +123,7 @@ def test_cpu_isa_paths_are_bit_identical():
         for isa in isas:
             q2ext.set_cpu_isa(isa)
             r = []
-            for mode, shapes, _ in CASES[:2]:
+            for mode, shapes, _ in CASES[:2] + LARGE_CASES[:1]:
                 for cl in (False, True):
                     xs = _branches(shapes, torch.float32, "cpu", cl)
                     lam = torch.linspace(-1, 1, len(shapes))

@@ -19,7 +19,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "q2ext/cpu_isa.h"
 #include "q2ext/gb_fusion_args.h"
@@ -61,6 +66,7 @@ struct Args {
   void* mean;        // (N, H, W) compute type (backward: read)
   void* rstd;
   double eps;
+  bool stream;       // write the NCHW outputs with non-temporal stores (see store_row)
 };
 
 // Per-chunk reduction slots of the backward.
@@ -74,6 +80,42 @@ struct Sums {
 
 // ---------------------------------------------------------------- NCHW, pixel-vectorised
 
+// A block reads (and writes) kPix-long pieces of C rows per tensor: hundreds of streams,
+// far more than the hardware prefetchers track, so every piece would start with a cache
+// miss.  Each row continues at the same row of the next block (same image), so while a
+// piece is used the next piece of that row is requested ahead.
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx512f"), noinline)) void stream_row_f32(float* o, const float* v) {
+  for (int64_t p = 0; p < kPix; p += 16) _mm512_stream_ps(o + p, _mm512_loadu_ps(v + p));
+}
+#endif
+
+// Writes one computed row piece.  Outputs much larger than the caches are written with
+// non-temporal stores on the AVX-512 path: a normal store first reads the line it
+// overwrites (read-for-ownership), which adds a third to the traffic of a kernel that
+// is bound by memory bandwidth.  Needs a full, 64-byte aligned fp32 piece; otherwise,
+// and for small outputs (still in cache for their consumer), plain stores.
+template <bool kStream, typename T, typename A>
+GB_INLINE void store_row(T* __restrict o, const A* __restrict v, int64_t np, bool stream) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (kStream && std::is_same_v<T, float>) {
+    if (stream && np == kPix && (reinterpret_cast<std::uintptr_t>(o) & 63) == 0) {
+      stream_row_f32(o, v);
+      return;
+    }
+  }
+#endif
+  for (int64_t p = 0; p < np; ++p) gb_store(v[p], &o[p]);
+}
+
+template <typename T>
+GB_INLINE void prefetch_next(const T* row, bool has_next, int rw) {
+  if (!has_next) return;
+  constexpr int64_t kStep = 64 / static_cast<int64_t>(sizeof(T));  // elements per cache line
+  for (int64_t p = kPix; p < 2 * kPix; p += kStep)
+    rw ? __builtin_prefetch(row + p, 1, 3) : __builtin_prefetch(row + p, 0, 3);
+}
+
 // Fills tile[c][p] (c over the fused channels) with h = cat / sum of alpha_i * x_i.
 template <typename T, typename A>
 GB_INLINE void load_tile(const Geom& g, int64_t n, int64_t p0, int64_t np, A* __restrict tile) {
@@ -85,6 +127,7 @@ GB_INLINE void load_tile(const Geom& g, int64_t n, int64_t p0, int64_t np, A* __
     for (int64_t c = 0; c < b.c; ++c) {
       A* __restrict row = tile + (b.off + c) * kPix;
       const T* __restrict xr = x + c * g.hw;
+      prefetch_next(xr, p0 + kPix < g.hw, 0);
       if (first) {
         for (int64_t p = 0; p < np; ++p) row[p] = al * gb_load(xr[p]);
       } else {
@@ -94,7 +137,7 @@ GB_INLINE void load_tile(const Geom& g, int64_t n, int64_t p0, int64_t np, A* __
   }
 }
 
-template <typename T, typename A>
+template <bool kStream, typename T, typename A>
 GB_INLINE void forward_nchw(const Args& a, int64_t blk0, int64_t blk1, A* __restrict tile) {
   const Geom& g = a.g;
   const int64_t C = g.c_out, bpi = g.blocks_per_image();
@@ -117,10 +160,12 @@ GB_INLINE void forward_nchw(const Args& a, int64_t blk0, int64_t blk1, A* __rest
     for (int64_t p = 0; p < np; ++p) rstd[p] = gb_rstd(rstd[p], inv_c, eps);
     T* __restrict out = static_cast<T*>(a.out) + n * C * g.hw + p0;
     for (int64_t c = 0; c < C; ++c) {
-      const A* __restrict row = tile + c * kPix;
+      A* __restrict row = tile + c * kPix;
       T* __restrict o = out + c * g.hw;
+      if (!a.stream) prefetch_next(o, p0 + kPix < g.hw, 1);
       const A wc = w ? w[c] : A(1), bc = w ? bb[c] : A(0);
-      for (int64_t p = 0; p < np; ++p) gb_store((row[p] - mean[p]) * rstd[p] * wc + bc, &o[p]);
+      for (int64_t p = 0; p < np; ++p) row[p] = (row[p] - mean[p]) * rstd[p] * wc + bc;
+      store_row<kStream, T, A>(o, row, np, a.stream);
     }
     A* __restrict ms = static_cast<A*>(a.mean) + n * g.hw + p0;
     A* __restrict rs = static_cast<A*>(a.rstd) + n * g.hw + p0;
@@ -128,14 +173,14 @@ GB_INLINE void forward_nchw(const Args& a, int64_t blk0, int64_t blk1, A* __rest
   }
 }
 
-template <typename T, typename A>
+template <bool kStream, typename T, typename A>
 GB_INLINE void backward_nchw(const Args& a, int64_t blk0, int64_t blk1, A* __restrict tile,
                              const Sums& s) {
   const Geom& g = a.g;
   const int64_t C = g.c_out, bpi = g.blocks_per_image();
   const A inv_c = A(1) / static_cast<A>(C);
   const A* __restrict w = static_cast<const A*>(a.w);
-  A m1[kPix], m2[kPix], dh[kPix];
+  alignas(64) A m1[kPix], m2[kPix], dh[kPix], d[kPix];
   A sq[kGbMaxBranches][kPix];
   A* __restrict gtile = tile + C * kPix;
   for (int64_t blk = blk0; blk < blk1; ++blk) {
@@ -151,6 +196,7 @@ GB_INLINE void backward_nchw(const Args& a, int64_t blk0, int64_t blk1, A* __res
       A* __restrict row = tile + c * kPix;
       A* __restrict grow = gtile + c * kPix;
       const T* __restrict gr = grad + c * g.hw;
+      prefetch_next(gr, p0 + kPix < g.hw, 0);
       const A wc = w ? w[c] : A(1);
       for (int64_t p = 0; p < np; ++p) {
         const A y = (row[p] - mean[p]) * rstd[p];
@@ -190,12 +236,13 @@ GB_INLINE void backward_nchw(const Args& a, int64_t blk0, int64_t blk1, A* __res
           const Branch& bj = g.br[j];
           const A al = static_cast<A>(bj.alpha);
           T* __restrict dx = static_cast<T*>(bj.dx) + (n * bj.c + c) * g.hw + p0;
+          if (!a.stream) prefetch_next(dx, p0 + kPix < g.hw, 1);
           A* __restrict sj = sq[j];
           for (int64_t p = 0; p < np; ++p) {
-            const A d = al * dh[p];
-            gb_store(d, &dx[p]);
-            sj[p] += d * d;
+            d[p] = al * dh[p];
+            sj[p] += d[p] * d[p];
           }
+          store_row<kStream, T, A>(dx, d, np, a.stream);
         }
       }
     }
@@ -309,35 +356,37 @@ GB_INLINE void backward_nhwc(const Args& a, int64_t blk0, int64_t blk1, A* __res
 
 // ---------------------------------------------------------------- ISA instantiation
 
-template <typename T, typename A>
+template <bool kStream, typename T, typename A>
 GB_INLINE void forward_range(const Args& a, int64_t b0, int64_t b1, A* scratch) {
-  a.g.nhwc ? forward_nhwc<T, A>(a, b0, b1, scratch) : forward_nchw<T, A>(a, b0, b1, scratch);
+  a.g.nhwc ? forward_nhwc<T, A>(a, b0, b1, scratch)
+           : forward_nchw<kStream, T, A>(a, b0, b1, scratch);
 }
-template <typename T, typename A>
+template <bool kStream, typename T, typename A>
 GB_INLINE void backward_range(const Args& a, int64_t b0, int64_t b1, A* scratch, const Sums& s) {
-  a.g.nhwc ? backward_nhwc<T, A>(a, b0, b1, scratch, s) : backward_nchw<T, A>(a, b0, b1, scratch, s);
+  a.g.nhwc ? backward_nhwc<T, A>(a, b0, b1, scratch, s)
+           : backward_nchw<kStream, T, A>(a, b0, b1, scratch, s);
 }
 
 using FwdFn = void (*)(const Args&, int64_t, int64_t, void*);
 using BwdFn = void (*)(const Args&, int64_t, int64_t, void*, const Sums&);
 
-#define GB_DEFINE_ISA(isa, attr)                                                        \
+#define GB_DEFINE_ISA(isa, attr, stream)                                                \
   template <typename T>                                                                 \
   attr void fwd_##isa(const Args& a, int64_t b0, int64_t b1, void* s) {                 \
     using A = typename GbAcc<T>::type;                                                  \
-    forward_range<T, A>(a, b0, b1, static_cast<A*>(s));                                 \
+    forward_range<stream, T, A>(a, b0, b1, static_cast<A*>(s));                         \
   }                                                                                     \
   template <typename T>                                                                 \
   attr void bwd_##isa(const Args& a, int64_t b0, int64_t b1, void* s, const Sums& sums) { \
     using A = typename GbAcc<T>::type;                                                  \
-    backward_range<T, A>(a, b0, b1, static_cast<A*>(s), sums);                          \
+    backward_range<stream, T, A>(a, b0, b1, static_cast<A*>(s), sums);                  \
   }
 
 #if defined(__x86_64__) || defined(__i386__)
-GB_DEFINE_ISA(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2"))))
-GB_DEFINE_ISA(avx2, __attribute__((target("avx2,fma,bmi2"))))
+GB_DEFINE_ISA(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2"))), true)
+GB_DEFINE_ISA(avx2, __attribute__((target("avx2,fma,bmi2"))), false)
 #endif
-GB_DEFINE_ISA(scalar, )
+GB_DEFINE_ISA(scalar, , false)
 
 struct Table {
   FwdFn fwd[4];  // f32, bf16, f16, f64
@@ -421,6 +470,21 @@ Geom make_geom(const at::TensorList& branches, int64_t mode, std::vector<at::Ten
   return g;
 }
 
+// Non-temporal stores pay off when an output is well beyond what the caches keep for its
+// consumer (this also covers the backward's branch gradients, all as large as grads[0]
+// or larger in add mode, and NCHW concat pieces of any size: they are only advice).
+bool stream_outputs(const at::Tensor& t) {
+  constexpr int64_t kStreamBytes = int64_t{4} << 20;
+  return t.scalar_type() == at::kFloat && t.nbytes() >= kStreamBytes;
+}
+
+// Makes this thread's non-temporal stores visible before the op returns.
+void store_fence() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_sfence();
+#endif
+}
+
 int64_t scratch_elems(const Geom& g) { return g.nhwc ? 3 * g.c_out : 2 * g.c_out * kPix; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cpu(
@@ -443,7 +507,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cpu
   at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   Args a{g, nullptr, out.data_ptr(), w.defined() ? w.data_ptr() : nullptr,
-         b.defined() ? b.data_ptr() : nullptr, mean.data_ptr(), rstd.data_ptr(), eps};
+         b.defined() ? b.data_ptr() : nullptr, mean.data_ptr(), rstd.data_ptr(), eps,
+         stream_outputs(out)};
   const int64_t blocks = g.blocks();
   if (blocks == 0 || g.c_out == 0) return {out, mean, rstd, alpha};
   const FwdFn fn = table().fwd[dtype_slot(x0.scalar_type())];
@@ -452,6 +517,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cpu
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     std::vector<char> scratch(scratch_elems(g) * esz);
     fn(a, b0, b1, scratch.data());
+    store_fence();
   });
   return {out, mean, rstd, alpha};
 }
@@ -487,7 +553,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusio
   }
   at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   Args a{g, gd.data_ptr(), nullptr, w.defined() ? w.data_ptr() : nullptr, nullptr,
-         mean_c.data_ptr(), rstd_c.data_ptr(), 0.0};
+         mean_c.data_ptr(), rstd_c.data_ptr(), 0.0, stream_outputs(grads[0])};
   const int64_t blocks = g.blocks();
   const int64_t chunks = std::min(blocks, kMaxChunks);
   const bool affine = w.defined();
@@ -505,6 +571,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusio
         // doubles, so a chunk's sum does not lose precision with its length.
         fn(a, blocks * ch / chunks, blocks * (ch + 1) / chunks, scratch.data(), s);
       }
+      store_fence();
     });
   }
   std::vector<double> tot(slot, 0.0);
