@@ -6,6 +6,9 @@ Backends:
   ``triton``  the separately named ``q2ext::<op>_triton`` op (CUDA, or CPU under
               ``TRITON_INTERPRET=1`` for tests).
 
+Ops with a Triton variant: fake_quant (and its backward), w8a8_mm, w4a16_mm; the others
+run natively whatever the backend.
+
 ``auto`` (the default; override with ``Q2EXT_BACKEND`` or :func:`set_backend`) takes
 ``native`` when it has a compiled kernel for the device, else ``triton`` when it can
 run there, else ``native`` (reference).  Asking for a backend that cannot run raises an
