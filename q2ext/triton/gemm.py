@@ -41,7 +41,7 @@ __all__ = ["w8a8_mm_triton", "w4a16_mm_triton"]
 # Largest tiles under the interpreter (tests may lower them to get several tiles and
 # K steps out of small shapes).  Bigger tiles mean fewer programs and fewer numpy calls.
 _INTERP_W8 = (64, 64, 512)  # BLOCK_M, BLOCK_N, BLOCK_K
-_INTERP_W4 = (64, 128)  # BLOCK_M, BLOCK_N (BLOCK_K = group_size)
+_INTERP_W4 = (64, 128, 128)  # BLOCK_M, BLOCK_N, BLOCK_K (at most group_size)
 _I64_LIMIT = I64_LIMIT  # module-level so that tests can lower it
 
 
@@ -186,9 +186,9 @@ def _w8a8_config(m, n, k, device_type):
 
 def _w4a16_config(m, n, group_size, device_type):
     if INTERPRET or device_type != "cuda":
-        bm, bn = _INTERP_W4
+        bm, bn, bk = _INTERP_W4
         return dict(BLOCK_M=min(bm, max(16, _next_pow2(m))), BLOCK_N=min(bn, max(16, _next_pow2(n))),
-                    BLOCK_K=group_size, GROUP_M=8, num_warps=4)
+                    BLOCK_K=min(bk, group_size), GROUP_M=8, num_warps=4)
     if m <= 16:  # decode: memory bound; narrow tiles give N / 32 programs to fill the SMs
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=min(group_size, 128), GROUP_M=1, num_warps=4, num_stages=4)
     if m <= 64:
