@@ -6,7 +6,8 @@
 #   run(command="bash bench/gpu_check.sh", timeout_s=540)
 # The device image has its own python3 with torch/triton/numpy/pytest (see the device
 # tool's KINDS.md); its torch version differs from the pinned one, which is fine for a
-# build in place.  Budget: build ~3 min on 16 cores, tests ~2 min, benchmarks ~3 min.
+# build in place.  Budget: build ~3 min on 16 cores, tests ~2 min, Triton GEMM check ~1 min,
+# benchmarks ~3 min.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/q2ext_gpu_out}
@@ -52,6 +53,63 @@ for shape, axis in [((4, 64, 56, 56), None), ((64, 32, 3, 3), 0), ((8, 128, 28, 
                 ok = ok and torch.equal(bits(got), bits(R.fake_quant(x, s, *args)))
             bad += not ok
             print(f"{name:6s} {str(shape):18s} axis={axis} {dtype}: {'ok' if ok else 'MISMATCH'}")
+print("mismatching cases:", bad)
+PYEOF
+
+step triton-gemm-native
+$PY - <<'PYEOF' 2>&1 | tee "$OUT/triton_gemm_native.txt"
+# Compiled Triton int GEMMs on the GPU vs q2ext/gemm_reference.py on the CPU: W8A8 bit-exact
+# (int32, and the fp32/bf16 epilogue through mul.rn), W4A16 within 1e-3; then rough timings.
+import torch, q2ext
+from q2ext import gemm, gemm_reference as R
+from q2ext.triton import gemm as T
+
+def same(a, b):
+    return a.dtype == b.dtype and torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(
+        torch.nan_to_num(a.float()), torch.nan_to_num(b.float()))
+
+def ms(fn):
+    for _ in range(3):
+        fn()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(20):
+        fn()
+    e.record(); torch.cuda.synchronize()
+    return s.elapsed_time(e) / 20
+
+g = torch.Generator().manual_seed(0)
+bad = 0
+for m, n, k in [(1, 4096, 4096), (13, 70, 4097), (1024, 1024, 1024), (2048, 1000, 1024)]:
+    for adt in (torch.int8, torch.uint8):
+        lo, hi = (-128, 128) if adt == torch.int8 else (0, 256)
+        a = torch.randint(lo, hi, (m, k), dtype=adt, generator=g)
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        sa, sb, bias = torch.rand(m, generator=g), torch.rand(n, generator=g), torch.randn(n, generator=g)
+        acc = R.int_mm(a, b)  # the int64 CPU GEMM is slow: once per shape
+        for od, bi, relu in ((torch.int32, None, False), (torch.float32, bias, True), (torch.bfloat16, bias, False)):
+            got = T.w8a8_mm_triton(a.cuda(), b.cuda(), sa.cuda(), sb.cuda(), None if bi is None else bi.cuda(), od, relu)
+            ok = same(got.cpu(), R.w8a8_epilogue(acc, sa, sb, bi, relu, od))
+            bad += not ok
+            print(f"w8a8 {m}x{n}x{k} {adt} -> {od}: {'ok' if ok else 'MISMATCH'}")
+        ac, bc, sac, sbc = a.cuda(), b.cuda(), sa.cuda(), sb.cuda()
+        t = ms(lambda: T.w8a8_mm_triton(ac, bc, sac, sbc))
+        print(f"  triton w8a8 {t:.3f} ms = {2 * m * n * k / t / 1e9:.0f} TOP/s")
+for m, n, k in [(1, 4096, 4096), (16, 4096, 4096), (1024, 4096, 4096), (7, 33, 256)]:
+    for gs in (32, 128):
+        q = torch.randint(0, 16, (n, k), generator=g)
+        wp = R.pack_int4(q)
+        sc, z = torch.rand(k // gs, n, generator=g) * 0.02 + 1e-3, torch.randn(k // gs, n, generator=g) * 0.01
+        for dt in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, k, generator=g).to(dt)
+            want = R.w4a16_mm(x, wp, sc, z, gs).float()
+            got = T.w4a16_mm_triton(x.cuda(), wp.cuda(), sc.cuda(), z.cuda(), gs).cpu()
+            rel = ((got.float() - want).norm() / want.norm()).item()
+            bad += not (got.dtype == dt and rel <= 1e-3)
+            xc, wc, scc, zc = x.cuda(), wp.cuda(), sc.cuda(), z.cuda()
+            t = ms(lambda: T.w4a16_mm_triton(xc, wc, scc, zc, gs))
+            print(f"w4a16 {m}x{n}x{k} g{gs} {dt}: rel {rel:.2e} {'ok' if rel <= 1e-3 else 'MISMATCH'}; "
+                  f"{t:.3f} ms = {2 * m * n * k / t / 1e9:.0f} GFLOP/s")
 print("mismatching cases:", bad)
 PYEOF
 

@@ -19,6 +19,7 @@ from .qconfig import LayerQConfig, QConfig
 
 if _ext.has_triton():
     from .triton import fake_quant as _triton_fake_quant  # noqa: F401  (registers the Triton ops)
+    from .triton import gemm as _triton_gemm  # noqa: F401
 
 __version__ = "0.1.0"
 

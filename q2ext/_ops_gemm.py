@@ -24,11 +24,15 @@ from . import _ops
 from ._ops import LIB
 
 LIB.define("quantize_activation(Tensor x, Tensor? scale, int quant_min, int quant_max) -> (Tensor, Tensor)")
-LIB.define("w8a8_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias=None, "
-           "ScalarType? out_dtype=None, bool relu=False) -> Tensor")
+# Shared with the separately named Triton ops (q2ext/triton/gemm.py).
+W8A8_MM_SCHEMA = ("(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias=None, "
+                  "ScalarType? out_dtype=None, bool relu=False) -> Tensor")
+W4A16_MM_SCHEMA = "(Tensor x, Tensor w_packed, Tensor scales, Tensor zeros, int group_size) -> Tensor"
+
+LIB.define("w8a8_mm" + W8A8_MM_SCHEMA)
 LIB.define("w8a8_linear(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? x_scale, Tensor? bias, "
            "int quant_min, int quant_max, bool relu=False) -> Tensor")
-LIB.define("w4a16_mm(Tensor x, Tensor w_packed, Tensor scales, Tensor zeros, int group_size) -> Tensor")
+LIB.define("w4a16_mm" + W4A16_MM_SCHEMA)
 
 NB8, NB4 = 64, 16
 _X_DTYPES = (torch.float32, torch.bfloat16)

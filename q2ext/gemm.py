@@ -3,17 +3,30 @@
 Inference only (no autograd): QAT trains through fake quant, and :mod:`q2ext.nn`'s
 Int8Linear / Int8Conv2d / Int4Linear call these with the learned scales.  Numerics are
 defined in :mod:`q2ext.gemm_reference`; the CPU kernels pick AVX512-VNNI, AVX2 or scalar
-tiles at run time (``q2ext.set_cpu_isa`` forces one).  No function here synchronises
-with the host.
+tiles at run time (``q2ext.set_cpu_isa`` forces one).  ``w8a8_mm`` and ``w4a16_mm`` also
+have Triton kernels (q2ext/triton/gemm.py), chosen by :mod:`q2ext.backend`.  No function
+here synchronises with the host.
 """
 from __future__ import annotations
 
 import torch
 
+from . import backend
 from . import gemm_reference as _ref
 
 __all__ = ["quantize_activation", "w8a8_mm", "w8a8_linear", "w4a16_mm",
            "pack_int8_weight", "unpack_int8_weight", "pack_int4", "unpack_int4", "dequantize_int4"]
+
+
+def _op(name: str, device_type: str):
+    """The op that runs ``name`` on ``device_type``, per :func:`q2ext.backend.select`:
+    ``q2ext::<name>`` (native) or ``q2ext::<name>_triton`` (w8a8_mm and w4a16_mm have
+    one; the other GEMM ops always run natively)."""
+    if name in ("w8a8_mm", "w4a16_mm") and backend.select(device_type, name) == "triton":
+        from .triton import gemm as _triton_gemm  # registered at q2ext import when triton exists
+
+        return getattr(_triton_gemm, name + "_triton")
+    return getattr(torch.ops.q2ext, name)
 
 
 def _tensor(t, name, fn):
@@ -50,7 +63,7 @@ def w8a8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.float32, relu=Fal
     Returns: [M, N] of out_dtype.
     """
     _tensor(a, "a", "w8a8_mm")
-    return torch.ops.q2ext.w8a8_mm(a, b, a_scale, b_scale, bias, out_dtype, relu)
+    return _op("w8a8_mm", a.device.type)(a, b, a_scale, b_scale, bias, out_dtype, relu)
 
 
 def pack_int8_weight(w, signed_act=True):
@@ -119,4 +132,4 @@ def w4a16_mm(x, w_packed, scales, zeros, group_size=128):
     Returns: [M, N] in x's dtype (fp32 accumulation).
     """
     _tensor(x, "x", "w4a16_mm")
-    return torch.ops.q2ext.w4a16_mm(x, w_packed, scales, zeros, group_size)
+    return _op("w4a16_mm", x.device.type)(x, w_packed, scales, zeros, group_size)

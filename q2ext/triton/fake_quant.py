@@ -33,8 +33,6 @@ deterministic, no atomics, no host synchronisation.  Partial sums per (channel, 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -49,45 +47,17 @@ from .._ops import (
     fake_quant_fake,
     make_fake_quant_autograd,
 )
+from ._common import I64_LIMIT, _div, _load_f32, _mul, _next_pow2, _to_storage, _use_rn, register_op
 
 __all__ = ["fake_quant_triton", "fake_quant_backward_triton"]
 
 _FWD_BLOCK = 4096  # elements per program (the interpreter costs ~1 ms per program)
 _BWD_BLOCK = 4096  # elements (or tile elements) per backward program
 _NUM_WARPS = 8
-_I64_LIMIT = 2**31  # offsets at or above this need 64-bit arithmetic
+_I64_LIMIT = I64_LIMIT  # module-level so that tests can lower it
 
 
 # --------------------------------------------------------------------------- helpers
-
-@triton.jit
-def _mul(a, b, RN: tl.constexpr):
-    """fp32 a * b rounded once, never fused with a following add.
-
-    RN (compiled CUDA code): PTX ``mul.rn.f32`` as inline assembly, like CUDA's
-    ``__fmul_rn``: an explicit rounding modifier keeps ptxas from contracting it into an
-    FMA, and the asm keeps LLVM from turning it back into a plain ``fmul`` (it does so
-    with libdevice's ``mul_rn``, which moreover flushes subnormals under Triton's FTZ
-    setting).  Under the interpreter numpy rounds every operation anyway.
-    """
-    if RN:
-        a, b = tl.broadcast(a, b)
-        r = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-    else:
-        r = a * b
-    return r
-
-
-@triton.jit
-def _div(a, b, RN: tl.constexpr):
-    """IEEE division (Triton's ``/`` is approximate on NVIDIA GPUs)."""
-    if RN:
-        r = tl.math.div_rn(a, b)
-    else:
-        r = a / b
-    return r
-
 
 @triton.jit
 def _round_half_even(v):
@@ -143,31 +113,6 @@ def _channel_params(scale_ptr, zp_ptr, off_ptr, c, cmask, qmin, qmax,
     # Absent zero point / offset are explicit +0s so that every later operation runs
     # exactly as in C++ (e.g. q + 0 turns -0 into +0).
     return s, inv, zp, off, clip
-
-
-@triton.jit
-def _load_f32(ptr, offs, mask, IS_BF16: tl.constexpr):
-    v = tl.load(ptr + offs, mask=mask)
-    if IS_BF16:
-        bits = v.to(tl.uint16, bitcast=True).to(tl.uint32)
-        f = (bits << 16).to(tl.float32, bitcast=True)
-    else:
-        f = v.to(tl.float32)
-    return f
-
-
-@triton.jit
-def _to_storage(f, out_ptr, IS_BF16: tl.constexpr):
-    """fp32 -> the element type of out_ptr, rounding to nearest even."""
-    if IS_BF16:
-        u = f.to(tl.uint32, bitcast=True)
-        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        quiet = (u >> 16) | 0x40
-        bits = tl.where(f != f, quiet, rounded)
-        r = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        r = f.to(out_ptr.dtype.element_ty)
-    return r
 
 
 @triton.jit
@@ -311,18 +256,6 @@ def _fq_finalize_kernel(ps_ptr, pc_ptr, scale_ptr, g_ptr, dscale_ptr, dthird_ptr
 
 # --------------------------------------------------------------------------- host side
 
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def _use_rn(x: torch.Tensor) -> bool:
-    """Explicitly rounded PTX multiplies and div_rn: compiled CUDA code only.
-
-    (Not the interpreter; on ROCm plain operations are used, which the compiler may
-    contract into FMAs: q2ext's bit-exactness guarantee covers CUDA.)"""
-    return x.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
-
-
 def _geometry(xd: torch.Tensor, axis):
     """(numel, channels, inner) of the [outer, C, inner] memory walk (fq_geometry in C++)."""
     numel = xd.numel()
@@ -430,28 +363,10 @@ def _fake_quant_backward_triton(grad, x, scale, zero_point, offset, quant_min, q
     return dx, dscale, dthird
 
 
-# Compiled Triton (CUDA): torch.library.triton_op, so that torch.compile/Inductor sees
-# the kernels through wrap_triton.  Under TRITON_INTERPRET=1, wrap_triton hands back the
-# interpreted kernel itself (it cannot be traced), and triton_op's fake/functional
-# implementations would launch it on fake tensors; the same functions are then
-# registered as an opaque custom op with the shared fake kernels of q2ext/_ops.py.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-if _INTERPRET:
-    _fq_op = torch.library.custom_op("q2ext::fake_quant_triton", _fake_quant_triton, mutates_args=(),
-                                     schema=FAKE_QUANT_SCHEMA)
-    _fq_bwd_op = torch.library.custom_op("q2ext::fake_quant_backward_triton", _fake_quant_backward_triton,
-                                         mutates_args=(), schema=FAKE_QUANT_BACKWARD_SCHEMA)
-    _fq_op.register_fake(fake_quant_fake)
-    _fq_bwd_op.register_fake(fake_quant_backward_fake)
-else:
-    torch.library.triton_op("q2ext::fake_quant_triton", _fake_quant_triton, mutates_args=(),
-                            schema=FAKE_QUANT_SCHEMA)
-    torch.library.triton_op("q2ext::fake_quant_backward_triton", _fake_quant_backward_triton,
-                            mutates_args=(), schema=FAKE_QUANT_BACKWARD_SCHEMA)
-
-fake_quant_triton = torch.ops.q2ext.fake_quant_triton
-fake_quant_backward_triton = torch.ops.q2ext.fake_quant_backward_triton
+fake_quant_triton = register_op("q2ext::fake_quant_triton", _fake_quant_triton, FAKE_QUANT_SCHEMA,
+                                fake_quant_fake)
+fake_quant_backward_triton = register_op("q2ext::fake_quant_backward_triton", _fake_quant_backward_triton,
+                                         FAKE_QUANT_BACKWARD_SCHEMA, fake_quant_backward_fake)
 
 _setup_context, _backward = make_fake_quant_autograd(torch.ops.q2ext.fake_quant_backward_triton)
 torch.library.register_autograd("q2ext::fake_quant_triton", _backward, setup_context=_setup_context)
