@@ -8,8 +8,12 @@ q2ext/gbfusion_reference.py instead when _C is not built.  Semantics and formula
     branches: 2..16 tensors (N, C_i, H, W), one dtype (fp32/fp16/bf16/fp64), one device;
     mode MODE_CONCAT or MODE_ADD (equal C_i); lam fp32 [K]; weight/bias [C] in the compute
     dtype (fp32, fp64 for fp64 branches) or None.  No autograd of its own.
-``gb_fusion_backward(grad, branches, alpha, weight, mean, rstd, mode) -> (grads, dw, db, g_sq)``
+``gb_fusion_backward(grad, branches, alpha, weight, mean, rstd, mode, out=None) -> (grads, dw, db, g_sq)``
     The LN backward, every branch's gradient and g_sq[i] = ||dL/dx_i||^2 (fp32 [K]).
+    ``out`` (optional) must be the forward's output for these arguments.  Without affine
+    and with fp32/fp64 branches it is exactly the normalised y the backward needs, so the
+    CPU kernel reads it instead of recomputing y from the K branches (add mode: one
+    tensor read instead of K); the result is the same either way.
 ``gb_fusion_update(lam!, g_ema!, g_sq, tau, beta, eta, eps, lam_clip) -> ()``
     The controller law, in place on the fp32 [K] buffers, on their device (no host sync).
 ``gb_fusion(branches, lam, g_ema, tau, weight, bias, mode, eps, beta, eta, ctrl_eps,
@@ -40,7 +44,7 @@ LIB.define(
 )
 LIB.define(
     "gb_fusion_backward(Tensor grad, Tensor[] branches, Tensor alpha, Tensor? weight, Tensor mean, "
-    "Tensor rstd, int mode) -> (Tensor[], Tensor, Tensor, Tensor)"
+    "Tensor rstd, int mode, Tensor? out=None) -> (Tensor[], Tensor, Tensor, Tensor)"
 )
 LIB.define(
     "gb_fusion_update(Tensor(a!) lam, Tensor(b!) g_ema, Tensor g_sq, Tensor? tau, float beta, float eta, "
@@ -113,7 +117,7 @@ def forward_fake(branches, lam, weight, bias, mode, eps):
     return _nchw(x0, c), stats, torch.empty_like(stats), torch.empty_like(lam)
 
 
-def check_backward_args(grad, branches, alpha, weight, mean, rstd, mode):
+def check_backward_args(grad, branches, alpha, weight, mean, rstd, mode, out=None):
     check_branches(branches, mode)
     x0 = branches[0]
     _, c = channel_offsets(branches, mode)
@@ -126,11 +130,20 @@ def check_backward_args(grad, branches, alpha, weight, mean, rstd, mode):
                      lambda: f"{name} must be {compute_dtype(x0.dtype)} of shape {[n, h, w]}")
     if weight is not None:
         _check_vec("weight", weight, c, compute_dtype(x0.dtype), x0.device)
+    if out is not None:
+        torch._check(out.shape == grad.shape and out.dtype == grad.dtype and out.device == x0.device,
+                     lambda: f"out must be the forward's output, {grad.dtype} {list(grad.shape)} on {x0.device}; "
+                             f"got {out.dtype} {list(out.shape)} on {out.device}")
     return c
 
 
-def backward_fake(grad, branches, alpha, weight, mean, rstd, mode):
-    c = check_backward_args(grad, branches, alpha, weight, mean, rstd, mode)
+def saved_output_pays(branches, weight):
+    """Whether the autograd saves the output for the backward (see gb_fusion_backward)."""
+    return weight is None and branches[0].dtype in (torch.float32, torch.float64)
+
+
+def backward_fake(grad, branches, alpha, weight, mean, rstd, mode, out=None):
+    c = check_backward_args(grad, branches, alpha, weight, mean, rstd, mode, out)
     x0 = branches[0]
     ct = compute_dtype(x0.dtype)
     grads = [x.new_empty(x.shape).contiguous(memory_format=output_format(x)) for x in branches]
@@ -183,10 +196,14 @@ def _all_reduce_mean(t):
 
 def _setup_context(ctx, inputs, output):
     branches, lam, g_ema, tau, weight, bias, mode, eps, beta, eta, ctrl_eps, lam_clip, update, sync = inputs
-    _, mean, rstd, alpha = output
+    out, mean, rstd, alpha = output
     ctx.k = len(branches)
     ctx.has_weight = weight is not None
-    ctx.save_for_backward(*branches, alpha, mean, rstd, weight)
+    # Saving the output costs no memory in practice (the next layer keeps it for its own
+    # backward) and spares the backward K-1 tensor reads; like torch.sigmoid's, an
+    # in-place change of the output then makes autograd's backward refuse to run.
+    y = out if saved_output_pays(branches, weight) else None
+    ctx.save_for_backward(*branches, alpha, mean, rstd, weight, y)
     # lam/g_ema are deliberately not saved with save_for_backward: the update below
     # mutates them, and a retained graph would then refuse its second backward.
     ctx.state = (lam, g_ema, tau)
@@ -197,9 +214,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, _gmean, _grstd, _galpha):
     saved = ctx.saved_tensors
     k = ctx.k
-    branches, (alpha, mean, rstd, weight) = list(saved[:k]), saved[k:]
+    branches, (alpha, mean, rstd, weight, y) = list(saved[:k]), saved[k:]
     mode, beta, eta, ctrl_eps, lam_clip, update, sync = ctx.args
-    grads, dw, db, g_sq = torch.ops.q2ext.gb_fusion_backward(grad, branches, alpha, weight, mean, rstd, mode)
+    grads, dw, db, g_sq = torch.ops.q2ext.gb_fusion_backward(grad, branches, alpha, weight, mean, rstd, mode, y)
     if update:
         lam, g_ema, tau = ctx.state
         if sync:
@@ -235,8 +252,8 @@ def register_reference_kernels():
         check_forward_args(branches, lam, weight, bias, mode, eps)
         return ref.gb_fusion_forward(branches, lam, weight, bias, mode, eps)
 
-    def backward(grad, branches, alpha, weight, mean, rstd, mode):
-        check_backward_args(grad, branches, alpha, weight, mean, rstd, mode)
+    def backward(grad, branches, alpha, weight, mean, rstd, mode, out=None):
+        check_backward_args(grad, branches, alpha, weight, mean, rstd, mode, out)
         return ref.gb_fusion_backward(grad, branches, alpha, weight, mean, rstd, mode)
 
     def update(lam, g_ema, g_sq, tau, beta, eta, eps, lam_clip):

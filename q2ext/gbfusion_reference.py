@@ -98,10 +98,12 @@ def gb_fusion_forward(branches, lam, weight, bias, mode, eps):
     return out, mean.contiguous(), rstd.contiguous(), alpha.contiguous()
 
 
-def gb_fusion_backward(grad, branches, alpha, weight, mean, rstd, mode):
+def gb_fusion_backward(grad, branches, alpha, weight, mean, rstd, mode, out=None):
     """(grad_branches, grad_weight, grad_bias, g_sq) of ``q2ext::gb_fusion_backward``.
 
     grad: (N, C, H, W) like the forward's out; mean, rstd: the forward's saved statistics.
+    out: the forward's output or None; not read here: where kernels use it (no affine,
+    fp32/fp64) it equals the y recomputed below, value for value.
     grad_branches: list of K tensors shaped and laid out like the branches; grad_weight,
     grad_bias: [C] (empty when weight is None); g_sq: fp32 [K], ||dL/dx_i||^2.
     """

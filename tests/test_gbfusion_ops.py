@@ -99,6 +99,10 @@ def _match_reference(device, dtype, channels_last, mode, shapes, affine):
     rgrads, rdw, rdb, rg_sq = R.gb_fusion_backward(grad.cpu(), [x.cpu() for x in xs], ref[3],
                                                    w.cpu() if affine else None, ref[1], ref[2], mode)
     tgrads, tdw, tdb, tg_sq = R.gb_fusion_backward(grad.cpu().double(), x64, ref[3], w64, truth[1], truth[2], mode)
+    # The forward's output as a hint changes nothing (where it is used, it is exactly y).
+    hinted = torch.ops.q2ext.gb_fusion_backward(grad, xs, alpha, w, mean, rstd, mode, out)
+    assert all(torch.equal(a, b) for a, b in zip(hinted[0], grads))
+    assert torch.equal(hinted[3], g_sq) and torch.equal(hinted[1], dw) and torch.equal(hinted[2], db)
     for gk, gr, gt, x in zip(grads, rgrads, tgrads, xs):
         assert gk.dtype == dtype and gk.shape == x.shape
         assert gk.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -200,6 +204,7 @@ def test_opcheck(device, channels_last, affine):
     opcheck(torch.ops.q2ext.gb_fusion_forward, (xs, lam, w, b, 0, 1e-6))
     out, mean, rstd, alpha = torch.ops.q2ext.gb_fusion_forward(xs, lam, w, b, 0, 1e-6)
     opcheck(torch.ops.q2ext.gb_fusion_backward, (torch.randn_like(out), xs, alpha, w, mean, rstd, 0))
+    opcheck(torch.ops.q2ext.gb_fusion_backward, (torch.randn_like(out), xs, alpha, w, mean, rstd, 0, out))
     opcheck(torch.ops.q2ext.gb_fusion_update,
             (torch.zeros(2, device=device), torch.zeros(2, device=device), torch.rand(2, device=device), None,
              0.1, 0.05, 1e-6, 4.0))
@@ -276,3 +281,23 @@ def test_empty_batch():
     assert out.shape == (0, 5, 4, 5) and alpha.tolist() == [0.5, 0.5]
     grads, _, _, g_sq = torch.ops.q2ext.gb_fusion_backward(out, xs, alpha, None, mean, rstd, 0)
     assert [g.shape for g in grads] == [x.shape for x in xs] and g_sq.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["kernel", "fake"])
+def test_bad_backward_inputs_name_the_argument(device, op):
+    from q2ext._ops_gbfusion import backward_fake
+    bwd = torch.ops.q2ext.gb_fusion_backward if op == "kernel" else backward_fake
+    xs = [torch.randn(2, 3, 4, 5, device=device) for _ in range(2)]
+    out, mean, rstd, alpha = torch.ops.q2ext.gb_fusion_forward(xs, torch.zeros(2, device=device), None, None, 1,
+                                                               1e-6)
+    bad = [
+        ((out[:, :2], xs, alpha, None, mean, rstd, 1), r"grad must be"),
+        ((out, xs, alpha[:1], None, mean, rstd, 1), r"alpha must have shape \[2\]"),
+        ((out, xs, alpha, None, mean[:1], rstd, 1), r"mean/rstd must be|mean must be"),
+        ((out, xs, alpha, None, mean, rstd, 1, out[:, :2]), r"out must be the forward's output"),
+        ((out, xs, alpha, None, mean, rstd, 1, out.double()), r"out must be the forward's output"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            bwd(*args)

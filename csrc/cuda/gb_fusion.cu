@@ -368,21 +368,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cud
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusion_backward_cuda(
     const at::Tensor& grad, at::TensorList branches, const at::Tensor& alpha, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& rstd, int64_t mode) {
+    const at::Tensor& mean, const at::Tensor& rstd, int64_t mode, const std::optional<at::Tensor>& out) {
   std::vector<at::Tensor> dense;
   Params P = make_params(branches, mode, dense);
   const at::Tensor& x0 = branches[0];
   c10::cuda::CUDAGuard guard(x0.device());
+  // The CUDA kernel recomputes y from the branches; `out` is only validated (see the header).
+  gb::check_backward_params(grad, x0, P.c_out, alpha, P.k, mean, rstd, weight, out);
   const auto acc = acc_of(x0);
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == x0.size(0) && grad.size(1) == P.c_out && grad.size(2) == x0.size(2) &&
-                  grad.size(3) == x0.size(3) && grad.scalar_type() == x0.scalar_type(),
-              "q2ext gb_fusion_backward: grad must be ", x0.scalar_type(), " of shape [", x0.size(0), ", ", P.c_out,
-              ", ", x0.size(2), ", ", x0.size(3), "], got ", grad.scalar_type(), " ", grad.sizes());
-  check_vec("alpha", alpha, P.k, at::kFloat, x0);
-  for (const auto* t : {&mean, &rstd})
-    TORCH_CHECK(t->scalar_type() == acc && t->numel() == P.total,
-                "q2ext gb_fusion_backward: mean/rstd must be ", acc, " of shape (N, H, W)");
-  if (weight.has_value()) check_vec("weight", *weight, P.c_out, acc, x0);
   const auto fmt = P.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor gd = grad.contiguous(fmt), mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   at::Tensor alpha_c = alpha.contiguous();

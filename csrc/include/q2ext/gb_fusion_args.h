@@ -40,6 +40,38 @@ inline void check_forward_params(const at::Tensor& x0, const at::Tensor& lam,
   TORCH_CHECK(eps > 0, "q2ext gb_fusion: eps must be > 0, got ", eps);
 }
 
+// The backward's non-branch arguments (branches[0] = x0, c_out fused channels, k branches).
+// `out` is the forward's output, an optional hint: with no affine and fp32/fp64 storage it
+// holds exactly the normalised y, which the CPU kernel then reads instead of the branches.
+// Returns whether it may be used.
+inline bool check_backward_params(const at::Tensor& grad, const at::Tensor& x0, int64_t c_out,
+                                  const at::Tensor& alpha, int64_t k, const at::Tensor& mean,
+                                  const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& out) {
+  const int64_t n = x0.size(0), h = x0.size(2), w = x0.size(3);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == n && grad.size(1) == c_out && grad.size(2) == h &&
+                  grad.size(3) == w && grad.scalar_type() == x0.scalar_type(),
+              "q2ext gb_fusion_backward: grad must be ", x0.scalar_type(), " of shape [", n, ", ",
+              c_out, ", ", h, ", ", w, "], got ", grad.scalar_type(), " ", grad.sizes());
+  TORCH_CHECK(grad.device() == x0.device(), "q2ext gb_fusion_backward: grad is on ", grad.device(),
+              " but branches[0] is on ", x0.device());
+  check_vec("alpha", alpha, k, at::kFloat, x0);
+  for (const auto* t : {&mean, &rstd})
+    TORCH_CHECK(t->scalar_type() == acc_type(x0) && t->numel() == n * h * w &&
+                    t->device() == x0.device(),
+                "q2ext gb_fusion_backward: mean/rstd must be ", acc_type(x0), " of shape (N, H, W) on ",
+                x0.device());
+  if (weight.has_value()) check_vec("weight", *weight, c_out, acc_type(x0), x0);
+  if (!out.has_value()) return false;
+  TORCH_CHECK(out->sizes() == grad.sizes() && out->scalar_type() == grad.scalar_type() &&
+                  out->device() == x0.device(),
+              "q2ext gb_fusion_backward: out must be the forward's output, ", grad.scalar_type(), " ",
+              grad.sizes(), " on ", x0.device(), "; got ", out->scalar_type(), " ", out->sizes(), " on ",
+              out->device());
+  const auto st = x0.scalar_type();
+  return !weight.has_value() && (st == at::kFloat || st == at::kDouble);
+}
+
 // The controller state updated in place by gb_fusion_update; returns K.  max_branches is
 // kGbMaxBranches (gb_fusion_math.h), passed in so this header needs no device code.
 inline int64_t check_update_args(const at::Tensor& lam, const at::Tensor& g_ema, const at::Tensor& g_sq,
