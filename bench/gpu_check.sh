@@ -6,8 +6,9 @@
 #   run(command="bash bench/gpu_check.sh", timeout_s=540)
 # The device image has its own python3 with torch/triton/numpy/pytest (see the device
 # tool's KINDS.md); its torch version differs from the pinned one, which is fine for a
-# build in place.  Budget: build ~3 min on 16 cores, tests ~2 min, Triton GEMM check ~1 min,
-# benchmarks ~3 min.
+# build in place.  Budget: build ~3 min on 16 cores, tests ~2 min, Triton GEMM check ~1 min, benchmarks ~3 min
+# (the GEMM tests and benchmark come right after the fake-quant tests: the newest kernels,
+# csrc/cuda/gemm_*.cu, have never run before this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/q2ext_gpu_out}
@@ -26,6 +27,15 @@ tail -3 "$OUT/build.log"
 
 step cuda-tests
 $PY -m pytest -q -x tests/test_cuda.py -p no:cacheprovider 2>&1 | tee "$OUT/test_cuda.txt" | tail -15
+
+step cuda-gemm-tests
+# No -x: one run should show every failing GEMM path (dp4a / MMA / w4a16 GEMV / dequant).
+$PY -m pytest -q tests/test_cuda_gemm.py -p no:cacheprovider 2>&1 | tee "$OUT/test_cuda_gemm.txt" | tail -25
+
+step gemm-benchmark
+# q2ext W8A8 vs cuBLAS int8 (torch._int_mm), W4A16 vs torch's tinygemm int4 kernel.
+$PY bench/bench_gemm.py --device cuda --min-run-time 0.2 > "$OUT/bench_gemm_cuda.txt" 2>&1
+echo "bench_gemm rc=$?"; grep "^|" "$OUT/bench_gemm_cuda.txt" | head -40
 
 step triton-native
 $PY - <<'PYEOF' 2>&1 | tee "$OUT/triton_native.txt"

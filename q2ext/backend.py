@@ -7,8 +7,7 @@ Backends:
               ``TRITON_INTERPRET=1`` for tests).
 
 Ops with a Triton variant: fake_quant (and its backward), w8a8_mm, w4a16_mm; the others
-run natively whatever the backend.  The int GEMMs' compiled kernels are CPU-only, so on
-CUDA ``auto`` takes their Triton variants (callers pass the op name to :func:`select`).
+run natively whatever the backend.
 
 ``auto`` (the default; override with ``Q2EXT_BACKEND`` or :func:`set_backend`) takes
 ``native`` when it has a compiled kernel for the device, else ``triton`` when it can
@@ -22,8 +21,6 @@ import os
 from . import _ext
 
 BACKENDS = ("auto", "native", "triton")
-# Ops for which q2ext._C registers a CPU kernel only (csrc/cpu/gemm.cpp).
-_NATIVE_CPU_ONLY = frozenset({"quantize_activation", "w8a8_mm", "w8a8_linear", "w4a16_mm"})
 _requested = None
 
 
@@ -42,7 +39,7 @@ def requested_backend() -> str:
     return name
 
 
-def _native_reasons(device_type: str, op: str | None = None) -> list[str]:
+def _native_reasons(device_type: str) -> list[str]:
     if device_type == "cpu":
         return [] if _ext.has_compiled() else ["q2ext._C is not built (reference kernels only)"]
     if device_type == "cuda":
@@ -50,8 +47,6 @@ def _native_reasons(device_type: str, op: str | None = None) -> list[str]:
             return ["q2ext._C is not built (reference kernels only)"]
         if not _ext.compiled_with_cuda():
             return ["q2ext._C was built without CUDA (Q2EXT_USE_CUDA=0 or no toolkit)"]
-        if op in _NATIVE_CPU_ONLY:
-            return [f"q2ext._C has no CUDA kernel for {op}"]
         return []
     return [f"no native kernel for device type {device_type!r}"]
 
@@ -67,17 +62,16 @@ def _triton_reasons(device_type: str) -> list[str]:
     return reasons
 
 
-def select(device_type: str, op: str | None = None) -> str:
-    """'native' or 'triton' for op `op` (None: any op with kernels on every device)
-    on a tensor on `device_type`, per the rules above."""
+def select(device_type: str) -> str:
+    """'native' or 'triton' for a tensor on `device_type`, per the rules above."""
     want = requested_backend()
     if want == "auto":
-        if not _native_reasons(device_type, op):
+        if not _native_reasons(device_type):
             return "native"
         if device_type == "cuda" and not _triton_reasons(device_type):
             return "triton"
         return "native"  # reference fallback, always available
-    reasons = _native_reasons(device_type, op) if want == "native" else _triton_reasons(device_type)
+    reasons = _native_reasons(device_type) if want == "native" else _triton_reasons(device_type)
     if want == "native" and reasons == ["q2ext._C is not built (reference kernels only)"]:
         return "native"
     if reasons:

@@ -22,7 +22,7 @@ def _op(name: str, device_type: str):
     """The op that runs ``name`` on ``device_type``, per :func:`q2ext.backend.select`:
     ``q2ext::<name>`` (native) or ``q2ext::<name>_triton`` (w8a8_mm and w4a16_mm have
     one; the other GEMM ops always run natively)."""
-    if name in ("w8a8_mm", "w4a16_mm") and backend.select(device_type, name) == "triton":
+    if name in ("w8a8_mm", "w4a16_mm") and backend.select(device_type) == "triton":
         from .triton import gemm as _triton_gemm  # registered at q2ext import when triton exists
 
         return getattr(_triton_gemm, name + "_triton")

@@ -15,6 +15,7 @@
 #include <cstring>
 
 #include "q2ext/cpu_isa.h"
+#include "q2ext/gemm_args.h"
 #include "q2ext/gemm_loops.h"
 
 Q2EXT_DECLARE_GEMM_ENTRY_POINTS(scalar)
@@ -52,21 +53,10 @@ Kernels kernels() {
 
 constexpr int64_t kRowChunk = 48;  // rows per work item: a multiple of every tile height
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-void check_f32_vec(const at::Tensor& t, const char* name, int64_t n, bool allow_one) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "q2ext: ", name, " must be float32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "q2ext: ", name, " must be on the CPU like the inputs");
-  TORCH_CHECK(t.dim() <= 1 && (t.numel() == n || (allow_one && t.numel() == 1)), "q2ext: ",
-              name, " must have shape [", n, "]", allow_one ? " or [1]" : "", ", got ",
-              t.sizes());
-}
-
 // Repacks B [N, K] int8 into the VNNI panels (gemm_kernels.h); `flip` stores B + 128.
 at::Tensor pack_b(const at::Tensor& b, bool flip) {
-  const int64_t N = b.size(0), K = b.size(1), kq = ceil_div(K, 4);
-  const int64_t panels = ceil_div(N, kNB8);
+  const int64_t N = b.size(0), K = b.size(1), kq = ceil_div64(K, 4);
+  const int64_t panels = ceil_div64(N, kNB8);
   at::Tensor out = at::zeros({panels * kq * kNB8 * 4}, b.options().dtype(at::kByte));
   const uint8_t* src = static_cast<const uint8_t*>(b.data_ptr());
   uint8_t* dst = out.data_ptr<uint8_t>();
@@ -94,7 +84,7 @@ W8A8Args base_args(const at::Tensor& a_bytes, bool a_signed, const int32_t* comp
   a.M = a_bytes.size(0);
   a.N = N;
   a.K = a_bytes.size(1);
-  a.kq = ceil_div(a.K, 4);
+  a.kq = ceil_div64(a.K, 4);
   a.a_scale = a_scale.data_ptr<float>();
   a.a_scale_per_row = a_scale.numel() == a.M && a.M != 1;
   a.b_scale = b_scale.data_ptr<float>();
@@ -109,7 +99,7 @@ W8A8Args base_args(const at::Tensor& a_bytes, bool a_signed, const int32_t* comp
 void run_w8a8(const W8A8Args& a) {
   if (a.M == 0 || a.N == 0) return;
   const W8A8TileFn tile = kernels().w8a8;
-  const int64_t chunks = ceil_div(a.M, kRowChunk), panels = ceil_div(a.N, kNB8);
+  const int64_t chunks = ceil_div64(a.M, kRowChunk), panels = ceil_div64(a.N, kNB8);
   at::parallel_for(0, panels * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m0 = (i % chunks) * kRowChunk;
@@ -125,29 +115,14 @@ at::Tensor contiguous_rows(const at::Tensor& t) {
 at::Tensor w8a8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a_scale,
                        const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
                        std::optional<at::ScalarType> out_dtype, bool relu) {
-  TORCH_CHECK(a.dim() == 2 && (a.scalar_type() == at::kChar || a.scalar_type() == at::kByte),
-              "q2ext.w8a8_mm: a must be a 2-D int8 or uint8 tensor, got ", a.scalar_type(), " ",
-              a.sizes());
-  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kChar,
-              "q2ext.w8a8_mm: b must be a 2-D int8 tensor [N, K], got ", b.scalar_type(), " ",
-              b.sizes());
-  TORCH_CHECK(a.size(1) == b.size(1), "q2ext.w8a8_mm: a is [M, K=", a.size(1), "] but b is [N, K=",
-              b.size(1), "]");
+  const at::ScalarType od = check_w8a8_mm(a, b, a_scale, b_scale, bias, out_dtype, relu);
   const int64_t M = a.size(0), N = b.size(0);
-  check_f32_vec(a_scale, "a_scale", M, true);
-  check_f32_vec(b_scale, "b_scale", N, false);
-  if (bias.has_value()) check_f32_vec(*bias, "bias", N, false);
-  const at::ScalarType od = out_dtype.value_or(at::kFloat);
-  TORCH_CHECK(od == at::kFloat || od == at::kBFloat16 || od == at::kInt,
-              "q2ext.w8a8_mm: out_dtype must be float32, bfloat16 or int32, got ", od);
-  TORCH_CHECK(od != at::kInt || (!bias.has_value() && !relu),
-              "q2ext.w8a8_mm: out_dtype=int32 returns the raw accumulator: no bias or relu");
   const bool a_signed = a.scalar_type() == at::kChar;
   at::Tensor ac = contiguous_rows(a), bc = contiguous_rows(b);
   if (a.size(1) % 4 != 0 && M > 0) {
     // The VNNI tile reads whole k-quads of A: give it rows of 4 * kq bytes (the extra
     // bytes meet zero B padding, so their value does not matter).
-    at::Tensor padded = at::zeros({M, ceil_div(a.size(1), 4) * 4}, a.options());
+    at::Tensor padded = at::zeros({M, ceil_div64(a.size(1), 4) * 4}, a.options());
     padded.narrow(1, 0, a.size(1)).copy_(ac);
     ac = padded.narrow(1, 0, a.size(1));
   }
@@ -174,18 +149,6 @@ at::Tensor w8a8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tenso
   run_w8a8(base_args(ac, a_signed, comp.data_ptr<int32_t>(), panels.data_ptr<uint8_t>(), N, as,
                      bs, bias_c, relu, kind, out));
   return out;
-}
-
-void check_act_range(int64_t qmin, int64_t qmax, const char* fn) {
-  TORCH_CHECK(qmin < qmax && ((qmin >= -128 && qmax <= 127) || (qmin >= 0 && qmax <= 255)),
-              "q2ext.", fn, ": [quant_min, quant_max] = [", qmin, ", ", qmax,
-              "] must lie in [-128, 127] (int8) or [0, 255] (uint8)");
-}
-
-void check_x(const at::Tensor& x, const char* fn) {
-  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "q2ext.", fn, ": x must be a 2-D float32 or bfloat16 tensor, got ", x.scalar_type(),
-              " ", x.sizes());
 }
 
 // Quantises x row by row into `q`; returns the effective scales ([M] or [1]).
@@ -222,9 +185,7 @@ at::Tensor quantize_into(const at::Tensor& xc, const std::optional<at::Tensor>& 
 std::tuple<at::Tensor, at::Tensor> quantize_activation_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& scale, int64_t quant_min,
     int64_t quant_max) {
-  check_x(x, "quantize_activation");
-  check_act_range(quant_min, quant_max, "quantize_activation");
-  if (scale.has_value()) check_f32_vec(*scale, "scale", x.size(0), true);
+  check_quantize_activation(x, scale, quant_min, quant_max);
   at::Tensor xc = contiguous_rows(x);
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(quant_min < 0 ? at::kChar : at::kByte));
   at::Tensor s = quantize_into(xc, scale, quant_min, quant_max, q, nullptr);
@@ -235,26 +196,9 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed,
                            const at::Tensor& w_scale, const std::optional<at::Tensor>& x_scale,
                            const std::optional<at::Tensor>& bias, int64_t quant_min,
                            int64_t quant_max, bool relu) {
-  check_x(x, "w8a8_linear");
-  check_act_range(quant_min, quant_max, "w8a8_linear");
+  const int64_t N = check_w8a8_linear(x, w_packed, w_scale, x_scale, bias, quant_min, quant_max);
   const bool a_signed = quant_min < 0;
-  const int64_t M = x.size(0), K = x.size(1), kq = ceil_div(K, 4);
-  TORCH_CHECK(w_scale.dim() == 1 && w_scale.numel() > 0,
-              "q2ext.w8a8_linear: w_scale must be a 1-D float32 tensor [N]");
-  const int64_t N = w_scale.numel();
-  check_f32_vec(w_scale, "w_scale", N, false);
-  TORCH_CHECK(w_packed.dim() == 4 && w_packed.size(0) == ceil_div(N, kNB8) &&
-                  w_packed.size(1) == kq && w_packed.size(2) == kNB8 && w_packed.size(3) == 4 &&
-                  w_packed.is_contiguous(),
-              "q2ext.w8a8_linear: w_packed must be the contiguous output of pack_int8_weight, "
-              "shape [", ceil_div(N, kNB8), ", ", kq, ", 64, 4] for N=", N, ", K=", K, "; got ",
-              w_packed.sizes());
-  TORCH_CHECK(w_packed.scalar_type() == (a_signed ? at::kByte : at::kChar),
-              "q2ext.w8a8_linear: w_packed was packed for ", a_signed ? "unsigned" : "signed",
-              " activations but quant_min=", quant_min, " (pack_int8_weight(w, signed_act=",
-              a_signed ? "True" : "False", "))");
-  if (x_scale.has_value()) check_f32_vec(*x_scale, "x_scale", M, true);
-  if (bias.has_value()) check_f32_vec(*bias, "bias", N, false);
+  const int64_t M = x.size(0), K = x.size(1), kq = ceil_div64(K, 4);
   at::Tensor xc = contiguous_rows(x);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
@@ -276,27 +220,8 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed,
 
 at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& scales,
                         const at::Tensor& zeros, int64_t group_size) {
-  check_x(x, "w4a16_mm");
+  const int64_t N = check_w4a16_mm(x, w_packed, scales, zeros, group_size);
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128,
-              "q2ext.w4a16_mm: group_size must be 32, 64 or 128, got ", group_size);
-  TORCH_CHECK(K % group_size == 0, "q2ext.w4a16_mm: K=", K,
-              " (x.shape[1]) must be a multiple of group_size=", group_size);
-  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == at::kFloat,
-              "q2ext.w4a16_mm: scales must be a 2-D float32 tensor [K / group_size, N], got ",
-              scales.scalar_type(), " ", scales.sizes());
-  const int64_t G = K / group_size, N = scales.size(1);
-  TORCH_CHECK(scales.size(0) == G, "q2ext.w4a16_mm: scales must have K / group_size = ", G,
-              " rows, got ", scales.size(0));
-  TORCH_CHECK(zeros.scalar_type() == at::kFloat && zeros.sizes() == scales.sizes(),
-              "q2ext.w4a16_mm: zeros must be float32 with the shape of scales ", scales.sizes(),
-              ", got ", zeros.scalar_type(), " ", zeros.sizes());
-  TORCH_CHECK(w_packed.scalar_type() == at::kByte && w_packed.dim() == 3 &&
-                  w_packed.size(0) == ceil_div(N, kNB4) && w_packed.size(1) == K &&
-                  w_packed.size(2) == 8 && w_packed.is_contiguous(),
-              "q2ext.w4a16_mm: w_packed must be the contiguous uint8 output of pack_int4, shape [",
-              ceil_div(N, kNB4), ", ", K, ", 8] for N=", N, ", K=", K, "; got ",
-              w_packed.scalar_type(), " ", w_packed.sizes(), " (unpacked weights? use pack_int4)");
   at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor sc = scales.contiguous(), zc = zeros.contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -305,7 +230,7 @@ at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const a
                 sc.data_ptr<float>(), zc.data_ptr<float>(), group_size, out.data_ptr<float>()};
     const W4A16TileFn tile = kernels().w4a16;
     constexpr int64_t kRows = 64;
-    const int64_t blocks = ceil_div(N, kNB4), chunks = ceil_div(M, kRows);
+    const int64_t blocks = ceil_div64(N, kNB4), chunks = ceil_div64(M, kRows);
     at::parallel_for(0, blocks * chunks, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t m0 = (i % chunks) * kRows;

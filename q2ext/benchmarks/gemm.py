@@ -6,6 +6,11 @@ Throughput is 2*M*N*K / time (GFLOP/s for float paths, GOP/s for integer ones). 
 W8A8 "end to end" rows include quantising the fp32 activation with a per-tensor static
 scale (the learned LSQ step) and the fp32 epilogue; weights are prepared once, outside
 the timed region, for every path.
+
+``run(device="cuda")`` times the CUDA kernels instead (run_cuda): W8A8 against cuBLAS int8
+(torch._int_mm) and bf16 F.linear, W4A16 against torch's tinygemm int4 kernel
+(torch._weight_int4pack_mm) and bf16 F.linear.  A baseline that this torch/GPU cannot run
+(e.g. _int_mm needs M > 16) is reported as n/a with the reason.
 """
 from __future__ import annotations
 
@@ -110,8 +115,86 @@ def _records(speed, pairs):
     return out
 
 
-def run(quick: bool = False, min_run_time: float = 0.5):
+CUDA_W8_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (1024, 1024, 1024), (4096, 4096, 4096)]
+CUDA_W4_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096)]
+
+
+def _cuda_rows(shape_label, cases, ops_count, min_run_time):
+    rows, base = [], None
+    for name, fn in cases:
+        try:
+            t = median_seconds(fn, min_run_time, sync_cuda=True)
+        except (RuntimeError, NotImplementedError) as exc:  # baseline unsupported here
+            rows.append([shape_label, name, "n/a", str(exc).splitlines()[0][:60], ""])
+            continue
+        base = base or t
+        rows.append([shape_label, name, f"{t * 1e3:.4f}", f"{ops_count / t / 1e9:.0f}", f"{base / t:.2f}x"])
+    return rows
+
+
+def _int4_tinygemm(q, scales, zeros):
+    """torch's CUDA int4 weight ([N, K/2] uint8 -> tinygemm tiles) and bf16 scale/zero."""
+    packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    w = torch._convert_weight_to_int4pack(packed, 8)
+    return w, torch.stack([scales, zeros], dim=-1).bfloat16().contiguous()
+
+
+def run_cuda(quick: bool = False, min_run_time: float = 0.5):
+    """CUDA kernels vs cuBLAS int8 / bf16 and torch's tinygemm int4 path."""
+    dev = "cuda"
+    head = ["shape MxNxK", "path", "ms", "GFLOP/s or GOP/s", "vs first row"]
+    out = [machine_info()]
+    print(out[0], flush=True)
+    rows = []
+    for m, n, k in CUDA_W8_SHAPES[:2] if quick else CUDA_W8_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(m, k, generator=g).to(dev)
+        w_q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(dev)
+        w_scale, bias = torch.rand(n, device=dev) * 0.01, torch.randn(n, device=dev)
+        x_scale = torch.tensor([0.02], device=dev)
+        a_q, _ = gemm.quantize_activation(x, x_scale)
+        w_packed, w_t = gemm.pack_int8_weight(w_q), w_q.t()
+        xb, wb = x.bfloat16(), (w_q.float() * w_scale[:, None]).bfloat16()
+        cases = [
+            ("bf16 F.linear (cuBLAS)", lambda: F.linear(xb, wb)),
+            ("torch._int_mm (cuBLAS int8 -> int32)", lambda: torch._int_mm(a_q, w_t)),
+            ("q2ext w8a8_mm (int8 -> int32)", lambda: gemm.w8a8_mm(a_q, w_q, x_scale, w_scale, out_dtype=torch.int32)),
+            ("q2ext w8a8_mm (int8 -> fp32, fused epilogue)", lambda: gemm.w8a8_mm(a_q, w_q, x_scale, w_scale, bias)),
+            ("q2ext w8a8_linear end to end (bf16 in/out)", lambda: gemm.w8a8_linear(xb, w_packed, w_scale, None, bias)),
+        ]
+        rows += _cuda_rows(f"{m}x{n}x{k}", cases, 2.0 * m * n * k, min_run_time)
+    out.append(print_table(rows, head))
+    rows = []
+    for m, n, k in CUDA_W4_SHAPES[:2] if quick else CUDA_W4_SHAPES:
+        g = torch.Generator().manual_seed(1)
+        q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+        scales = (torch.rand(k // GROUP, n, generator=g) * 0.01 + 1e-3).to(dev)
+        zeros = (torch.randn(k // GROUP, n, generator=g) * 1e-3).to(dev)
+        packed = gemm.pack_int4(q).to(dev)
+        x = torch.randn(m, k, generator=g).to(dev)
+        xb = x.bfloat16()
+        wb = gemm.dequantize_int4(packed, scales, zeros, GROUP).bfloat16()
+        try:
+            t_w, t_sz = _int4_tinygemm(q.to(dev), scales, zeros)
+            tiny = lambda: torch._weight_int4pack_mm(xb, t_w, GROUP, t_sz)  # noqa: E731
+        except (RuntimeError, NotImplementedError) as exc:
+            def tiny(exc=exc):
+                raise RuntimeError(f"tinygemm unavailable: {exc}")
+        cases = [
+            ("bf16 F.linear (dequantized weight)", lambda: F.linear(xb, wb)),
+            ("torch._weight_int4pack_mm (tinygemm, bf16 x)", tiny),
+            ("q2ext w4a16_mm (bf16 x)", lambda: gemm.w4a16_mm(xb, packed, scales, zeros, GROUP)),
+            ("q2ext w4a16_mm (fp32 x)", lambda: gemm.w4a16_mm(x, packed, scales, zeros, GROUP)),
+        ]
+        rows += _cuda_rows(f"{m}x{n}x{k} g{GROUP}", cases, 2.0 * m * n * k, min_run_time)
+    out.append(print_table(rows, head))
+    return "\n\n".join(out), []
+
+
+def run(quick: bool = False, min_run_time: float = 0.5, device: str = "cpu"):
     """Run the benchmark; returns (text with the tables, summary records)."""
+    if device == "cuda":
+        return run_cuda(quick, min_run_time)
     head = ["shape MxNxK", "path", "ms", "GFLOP/s or GOP/s", "vs first row"]
     out = [machine_info()]
     print(out[0], flush=True)

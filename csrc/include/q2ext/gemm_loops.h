@@ -9,6 +9,7 @@
 
 #include "q2ext/fake_quant_math.h"
 #include "q2ext/gemm_kernels.h"
+#include "q2ext/gemm_math.h"
 
 namespace q2ext {
 namespace gemm {
@@ -32,13 +33,10 @@ struct QuantArgs {
 template <typename T>
 static inline void quantize_row(const T* __restrict x, int64_t K, float s, float qmin,
                                 float qmax, uint8_t* __restrict q, int32_t* comp) {
-  const float inv = 1.0f / s;
+  const float inv = quant_inv(s);
   int32_t sum = 0;
   for (int64_t k = 0; k < K; ++k) {
-    float v = q2_mul(to_f32(x[k]), inv);
-    v = v == v ? v : 0.0f;
-    v = v < qmin ? qmin : (v > qmax ? qmax : v);  // integer bounds: clamp then round is exact
-    const int32_t iv = static_cast<int32_t>(round_half_even(v));
+    const int32_t iv = quant_code(to_f32(x[k]), inv, qmin, qmax);
     sum += iv;
     q[k] = static_cast<uint8_t>(iv);
   }
@@ -48,11 +46,7 @@ static inline void quantize_row(const T* __restrict x, int64_t K, float s, float
 template <typename T>
 static inline float row_absmax(const T* __restrict x, int64_t K) {
   float m = 0.0f;
-  for (int64_t k = 0; k < K; ++k) {
-    float v = to_f32(x[k]);
-    v = v < 0.0f ? -v : v;
-    m = v > m ? v : m;  // NaN never wins
-  }
+  for (int64_t k = 0; k < K; ++k) m = absmax_step(m, to_f32(x[k]));
   return m;
 }
 
@@ -62,7 +56,7 @@ static inline void quantize_rows_t(const QuantArgs& a, int64_t m0, int64_t m1) {
     const T* xr = static_cast<const T*>(a.x) + m * a.ldx;
     float s;
     if (a.scale == nullptr) {
-      s = sanitize_scale(q2_mul(row_absmax(xr, a.K), 1.0f / a.qmax));
+      s = dynamic_scale(row_absmax(xr, a.K), a.qmax);
       a.scale_out[m] = s;
     } else {
       s = sanitize_scale(a.scale[a.per_row ? m : 0]);
@@ -80,18 +74,15 @@ static inline void quantize_rows_impl(const QuantArgs& a, int64_t m0, int64_t m1
   }
 }
 
-// Epilogue of one output: ((acc * a_scale) * b_scale) + bias, then ReLU; each product
-// rounded separately, matching the reference and the vector epilogues.
+// Epilogue of one output (gemm_math.h), matching the reference and the vector epilogues.
 static inline void w8a8_store(const W8A8Args& a, int64_t m, int64_t n, int32_t acc) {
   if (a.a_signed) acc -= a.a_comp[m];
   if (a.out_kind == kOutI32) {
     static_cast<int32_t*>(a.out)[m * a.ldc + n] = acc;
     return;
   }
-  float y = q2_mul(q2_mul(static_cast<float>(acc), a.a_scale[a.a_scale_per_row ? m : 0]),
-                   a.b_scale[n]);
-  if (a.bias) y = q2_add(y, a.bias[n]);
-  if (a.relu) y = y < 0.0f ? 0.0f : y;
+  const float y = w8a8_epilogue(acc, a.a_scale[a.a_scale_per_row ? m : 0], a.b_scale[n],
+                                a.bias != nullptr, a.bias ? a.bias[n] : 0.0f, a.relu);
   if (a.out_kind == kOutF32) {
     static_cast<float*>(a.out)[m * a.ldc + n] = y;
   } else {
@@ -126,7 +117,7 @@ static inline void w4_group_consts(const W4A16Args& a, int64_t g, int64_t n0, in
   for (int64_t j = 0; j < kNB4; ++j) {
     const bool ok = j < width;
     s[j] = ok ? a.scales[g * a.N + n0 + j] : 0.0f;
-    z[j] = ok ? q2_sub(a.zeros[g * a.N + n0 + j], q2_mul(8.0f, s[j])) : 0.0f;
+    z[j] = ok ? w4_shifted_zero(s[j], a.zeros[g * a.N + n0 + j]) : 0.0f;
   }
 }
 
@@ -144,8 +135,8 @@ static inline void w4a16_tile_scalar_impl(const W4A16Args& a, int64_t block, int
       if (k % a.group_size == 0) w4_group_consts(a, k / a.group_size, n0, width, s, z);
       const uint8_t* row = wb + k * 8;
       for (int64_t j = 0; j < 8; ++j) {
-        w[j] = q2_add(q2_mul(static_cast<float>(row[j] & 15), s[j]), z[j]);
-        w[j + 8] = q2_add(q2_mul(static_cast<float>(row[j] >> 4), s[j + 8]), z[j + 8]);
+        w[j] = w4_dequant(w4_lo(row[j]), s[j], z[j]);
+        w[j + 8] = w4_dequant(w4_hi(row[j]), s[j + 8], z[j + 8]);
       }
       for (int64_t j = 0; j < kNB4; ++j) acc[j] = q2_add(acc[j], q2_mul(xr[k], w[j]));
     }
