@@ -68,6 +68,19 @@ def test_quick_demo_writes_json_pngs_and_models(quick_run):
     assert len(list((cache / "demo").glob("fp32_seed0_*.pt"))) == 1  # the FP32 checkpoint is cached
 
 
+def test_quick_demo_deployment_check(quick_run):
+    """#6: the W8A8 model converted to int8 predicts what the fake-quant model it implements
+    (frozen fusion constants) predicts, pixel for pixel (>= 99 %), and the report says so."""
+    out, _, proc = quick_run
+    dep = json.loads((out / "results.json").read_text())["deploy"]
+    assert dep["bits"] == 8 and dep["seed"] == 0 and dep["int8_layers"] > 0
+    assert dep["agreement"] >= 99.0, dep
+    assert abs(dep["mdice_int8"] - dep["mdice_fake_quant"]) <= 1.0, dep
+    for k in ("mdice_qat", "mdice_fake_quant", "mdice_int8", "agreement_vs_qat"):
+        assert 0.0 <= dep[k] <= 100.0
+    assert "Deployment check (W8A8" in proc.stdout and "int8 (q2ext.convert)" in proc.stdout
+
+
 def test_report_on_a_demo_checkpoint(quick_run, capsys):
     out, _, _ = quick_run
     assert main(["report", str(out / "models" / "qat_gbf_seed0.pt")]) == 0

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .data import ShapesConfig, make_splits
+from .deploy import run_deploy
 from .train import VARIANTS, build_fp32, build_variant, fit, mdice
 
 CACHE_VERSION = 1  # bump when the FP32 training code changes meaning
@@ -59,6 +60,8 @@ class DemoConfig:
     ada_divergence: str = "js"
     ada_normalize: str = "softmax"
     calib_batches: int = 4
+    deploy: bool = True      # the W8A8 -> int8 deployment check (q2ext.demo.deploy)
+    deploy_epochs: int = 5
 
     def pretrain_key(self, seed: int) -> str:
         fields = {k: getattr(self, k) for k in ("data_seed", "n_train", "n_val", "width", "depth", "convs",
@@ -73,7 +76,7 @@ def quick_config(**changes) -> DemoConfig:
     """The smoke-test size: one seed, 16x16 images, a two-level U-Net, a few epochs."""
     base = DemoConfig(seeds=(0,), data=ShapesConfig(size=16, min_scale=0.2, max_scale=0.4), n_train=64, n_val=32,
                       width=4, depth=2, convs=1, batch_size=16, fp_epochs=3, fp_patience=3, qat_epochs=2,
-                      patience=2, calib_batches=1)
+                      patience=2, calib_batches=1, deploy_epochs=1)
     return dataclasses.replace(base, **changes)
 
 
@@ -117,8 +120,9 @@ def _first_step_reaching(hist, target):
     return None
 
 
-def run_seed(cfg: DemoConfig, seed: int, data, out_dir: Path, progress=True, log=print) -> dict:
-    """Pretrain (or load) the FP32 model of `seed`, fine-tune every variant, save the models."""
+def run_seed(cfg: DemoConfig, seed: int, data, out_dir: Path, progress=True, log=print, deploy=False) -> dict:
+    """Pretrain (or load) the FP32 model of `seed`, fine-tune every variant, save the models;
+    with `deploy`, also run the W8A8 deployment check (result under the key "deploy")."""
     fp32, fp_hist = _pretrain(cfg, seed, data, progress, log)
     fp32.eval()
     xt = data[0]
@@ -138,6 +142,8 @@ def run_seed(cfg: DemoConfig, seed: int, data, out_dir: Path, progress=True, log
         # The whole module is pickled (GraphModules from insert_gbfusion included): load it
         # with torch.load(path, weights_only=False), only from a source you trust.
         torch.save(model.cpu(), models / f"{variant.replace('+', '_')}_seed{seed}.pt")
+    if deploy:
+        runs["deploy"] = run_deploy(cfg, fp32, data, seed, progress, log)
     base_best = runs["qat"]["best"]
     for variant in VARIANTS:
         if variant.startswith("qat"):
@@ -153,13 +159,14 @@ def run(cfg: DemoConfig, out_dir, progress=True, log=print) -> dict:
     xt, yt, xv, yv = make_splits(cfg.n_train, cfg.n_val, cfg.data_seed, cfg.data)
     data = tuple(t.to(device) for t in (xt, yt, xv, yv))
     per_seed = {}
-    for seed in cfg.seeds:
-        per_seed[str(seed)] = run_seed(cfg, seed, data, out_dir, progress, log)
+    for i, seed in enumerate(cfg.seeds):
+        per_seed[str(seed)] = run_seed(cfg, seed, data, out_dir, progress, log, deploy=cfg.deploy and i == 0)
+    deploy = next((runs.pop("deploy") for runs in per_seed.values() if "deploy" in runs), None)
     config = dataclasses.asdict(cfg)
     config["seeds"] = list(cfg.seeds)
     return {"config": config, "seeds": per_seed, "wall_seconds": time.perf_counter() - start,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "summary": summarize(per_seed)}
+            "summary": summarize(per_seed), "deploy": deploy}
 
 
 def _mean_std(values):

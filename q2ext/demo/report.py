@@ -41,6 +41,10 @@ def table(results: dict) -> str:
     lines.append(f"\nbalance ratio: per fusion node, max_i G_i / min_i G_i of the mean over the last training epoch "
                  f"of G_i = ||dL/dF_i||_2 (branch input, before alpha); averaged over the {cfg['depth']} nodes and "
                  f"the seeds.  Wall time {results['wall_seconds']:.0f} s on {results['threads']} threads.")
+    if results.get("deploy"):
+        from .deploy import table as deploy_table
+
+        lines.append(deploy_table(results["deploy"]))
     return "\n".join(lines)
 
 
