@@ -6,6 +6,8 @@ import q2ext
 from q2ext import gemm
 from q2ext import gemm_reference as ref
 
+from gemm_helpers import _ints, opcheck_cases  # noqa: E402  (tests/ is on sys.path)
+
 ops = torch.ops.q2ext
 
 
@@ -24,11 +26,6 @@ def isa(request):
     yield request.param
     if request.param != "reference":
         q2ext.set_cpu_isa("auto")
-
-
-def _ints(shape, dtype, gen):
-    lo, hi = (-128, 128) if dtype == torch.int8 else (0, 256)
-    return torch.randint(lo, hi, shape, dtype=dtype, generator=gen)
 
 
 SHAPES_8 = [(1, 1, 1), (1, 64, 4097), (59, 1, 97), (97, 130, 1025), (6, 65, 4), (13, 200, 67)]
@@ -173,21 +170,7 @@ def test_w4a16_bad_inputs():
 
 
 def test_opcheck():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 64, generator=g)
-    a, b = _ints((5, 64), torch.int8, g), _ints((7, 64), torch.int8, g)
-    wp8 = gemm.pack_int8_weight(b)
-    wp4 = gemm.pack_int4(torch.randint(0, 16, (7, 64), generator=g))
-    s, z = torch.rand(2, 7, generator=g), torch.rand(2, 7, generator=g)
-    cases = [
-        (ops.quantize_activation, (x, None, -128, 127)),
-        (ops.quantize_activation, (x.bfloat16(), torch.tensor([0.1]), 0, 255)),
-        (ops.w8a8_mm, (a, b, torch.rand(5), torch.rand(7), torch.randn(7), torch.bfloat16, True)),
-        (ops.w8a8_mm, (a, b, torch.rand(1), torch.rand(7), None, torch.int32, False)),
-        (ops.w8a8_linear, (x, wp8, torch.rand(7), None, torch.randn(7), -128, 127, False)),
-        (ops.w4a16_mm, (x, wp4, s, z, 32)),
-    ]
-    for op, args in cases:
+    for op, args in opcheck_cases("cpu"):
         torch.library.opcheck(op, args)
 
 

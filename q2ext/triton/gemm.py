@@ -60,6 +60,24 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+          I64: tl.constexpr):
+    """This program's rows rm, columns rn, K offsets rk, their masks, and rm/rn as offsets:
+    64-bit only where 32 bits could overflow (I64)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    if I64:
+        rm_o = rm.to(tl.int64)
+        rn_o = rn.to(tl.int64)
+    else:
+        rm_o = rm
+        rn_o = rn
+    return rm, rn, rk, rm < M, rn < N, rm_o, rn_o
+
+
+@triton.jit
 def _w8a8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
                  stride_am, stride_ak, stride_bn, stride_bk, stride_cm,
                  A_UNSIGNED: tl.constexpr, A_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -67,18 +85,7 @@ def _w8a8_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
                  RN: tl.constexpr, I64: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    mask_m = rm < M
-    mask_n = rn < N
-    if I64:  # row offsets in 64 bits only where 32 could overflow
-        rm_o = rm.to(tl.int64)
-        rn_o = rn.to(tl.int64)
-    else:
-        rm_o = rm
-        rn_o = rn
+    rm, rn, rk, mask_m, mask_n, rm_o, rn_o = _tile(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, I64)
     # B is [N, K] (nn.Linear layout): its [BLOCK_K, BLOCK_N] tile is K-major, the
     # operand layout int8 tensor-core MMAs want, without any transpose.
     a_ptrs = a_ptr + rm_o[:, None] * stride_am + rk[None, :] * stride_ak
@@ -126,18 +133,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_
                   GROUP_M: tl.constexpr):
     """BLOCK_K divides the group size (both powers of two, BLOCK_K <= group), hence K:
     one row of scales/zeros per K step and no K mask."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    mask_m = rm < M
-    mask_n = rn < N
-    if I64:
-        rm_o = rm.to(tl.int64)
-        rn_o = rn.to(tl.int64)
-    else:
-        rm_o = rm
-        rn_o = rn
+    rm, rn, rk, mask_m, mask_n, rm_o, rn_o = _tile(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, I64)
     # pack_int4 layout [ceil(N/16), K, 8]: column n sits in byte n % 8 of row k of block
     # n // 16, in the low nibble for n % 16 < 8, else the high one.  Each byte is loaded
     # for its two columns; the second load hits L1.
