@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._ops_gbfusion import MODE_ADD, MODE_CONCAT
+from .._ops_gbfusion import MODE_ADD, MODE_CONCAT, gb_fusion_apply
 from ..gbfusion_reference import compute_dtype, softmax_alpha
 
 _CONTROLLER_BUFFERS = ("lam", "g_ema", "tau")
@@ -168,7 +168,7 @@ class GBFusion(nn.Module):
         sync = False
         if self.sync_ddp and torch.distributed.is_available() and torch.distributed.is_initialized():
             sync = torch.distributed.get_world_size() > 1
-        out, mean, rstd, _ = torch.ops.q2ext.gb_fusion(
+        out, mean, rstd, _ = gb_fusion_apply(
             branches, self.lam, self.g_ema, self.tau, weight, bias,
             MODE_CONCAT if self.mode == "concat" else MODE_ADD, float(self.eps), float(self.beta),
             float(self.eta), float(self.ctrl_eps), float(self.lam_clip), self.training and not self.frozen, sync)
