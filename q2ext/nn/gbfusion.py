@@ -40,7 +40,11 @@ class GBFusion(nn.Module):
     ``tau``; after calibration (``q2ext.fold_gbfusion``) scalar ``const_mean``/``const_std``.
     Inputs: K tensors of one float dtype (fp32/fp16/bf16/fp64), NCHW or channels_last,
     passed as ``m(x1, x2, ...)`` or ``m([x1, x2, ...])``.  Output: their dtype, laid out
-    like the first branch.
+    like the first branch.  Without ``affine``, fp32/fp64 training saves the output for the
+    backward (it is the normalised y, so the backward reads one tensor instead of K): as
+    with ``torch.sigmoid``, changing the output in place before the backward (e.g. an
+    in-place ReLU right after the node) makes autograd's backward raise its "modified by
+    an inplace operation" error; use the out-of-place form there.
     """
 
     def __init__(self, num_branches: int, mode: str = "concat", beta: float = 0.1, eta: float = 0.05,
