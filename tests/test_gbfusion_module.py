@@ -190,3 +190,16 @@ def test_ddp_keeps_lam_identical(tmp_path):
     r0, r1 = torch.load(out)
     assert torch.equal(r0[:2], r1[:2]) and r0[0].abs().max() > 0  # synced node: identical lam and G-bar
     assert not torch.equal(r0[2:], r1[2:])  # the test can fail: unsynced, the ranks drift apart
+
+
+def test_in_place_change_of_saved_output_is_refused():
+    """fp32 without affine saves the output (it is y): autograd refuses a backward after an
+    in-place change of it instead of computing wrong gradients; out of place is fine."""
+    xs = [torch.randn(2, 4, 3, 3, requires_grad=True) for _ in range(2)]
+    m = GBFusion(2, mode="add")
+    y = m(xs)
+    y.relu_()
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.sum().backward()
+    torch.relu(m(xs)).sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in xs)
