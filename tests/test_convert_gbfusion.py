@@ -157,3 +157,27 @@ def test_smp_unet_w8a8_argmax_agreement():
     # activations sit at a rounding tie and flip by one step (~2e-3 each here); a wrong
     # fold or scale costs > 0.1
     assert _rel(got, want) < 2e-2
+
+
+def test_keep_mode_reproduces_the_trained_fake_quant_model():
+    """gbfusion="keep": the nodes stay frozen GBFusions (per-pixel LayerNorm, no
+    calibration needed); the int model then matches the QAT model as trained."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 16, 16)
+    qat = _qat(TinyUNet(), x, W8A8)
+    with torch.no_grad():
+        want = qat(x)
+        intm = q2ext.convert(qat, gbfusion="keep")
+        got = intm(x)
+    nodes = [m for m in intm.modules() if isinstance(m, GBFusion)]
+    assert len(nodes) == 1 and nodes[0].frozen and not nodes[0].use_constants
+    assert not any(isinstance(m, (FixedFusion, nn.BatchNorm2d)) for m in intm.modules())
+    assert isinstance(intm.fuse, Int8Conv2d)
+    lam = nodes[0].lam.clone()
+    intm.train()(x).sum()  # even in train mode a converted node's controller stays frozen
+    assert torch.equal(nodes[0].lam, lam)
+    err = _rel(got, want)
+    assert err < 1e-4, err
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.99
+    with pytest.raises(ValueError, match="gbfusion must be 'fold' or 'keep'"):
+        q2ext.convert(qat, gbfusion="folded")

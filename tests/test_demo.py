@@ -75,10 +75,12 @@ def test_quick_demo_deployment_check(quick_run):
     dep = json.loads((out / "results.json").read_text())["deploy"]
     assert dep["bits"] == 8 and dep["seed"] == 0 and dep["int8_layers"] > 0
     assert dep["agreement"] >= 99.0, dep
+    assert dep["agreement_keep"] >= 99.0, dep
     assert abs(dep["mdice_int8"] - dep["mdice_fake_quant"]) <= 1.0, dep
-    for k in ("mdice_qat", "mdice_fake_quant", "mdice_int8", "agreement_vs_qat"):
+    assert abs(dep["mdice_int8_keep"] - dep["mdice_qat"]) <= 1.0, dep
+    for k in ("mdice_qat", "mdice_fake_quant", "mdice_int8", "agreement_vs_qat", "mdice_int8_keep"):
         assert 0.0 <= dep[k] <= 100.0
-    assert "Deployment check (W8A8" in proc.stdout and "int8 (q2ext.convert)" in proc.stdout
+    assert "Deployment check (W8A8" in proc.stdout and 'gbfusion="keep"' in proc.stdout
 
 
 def test_report_on_a_demo_checkpoint(quick_run, capsys):
