@@ -5,7 +5,9 @@
 // This file checks arguments, packs/widens operands and splits the work; the tiles run
 // in the ISA translation units (gemm_isa_{avx512vnni,avx2,scalar}.cpp) picked per call
 // from q2ext's CPU path (set_cpu_isa / Q2EXT_CPU_ISA): 'avx512' uses the VNNI tiles when
-// the CPU has AVX512-VNNI and the AVX2 tiles otherwise.  Work items (panel x row chunk)
+// the CPU has AVX512-VNNI and the AVX2 tiles otherwise; bf16 W4A16 inputs additionally
+// take the AVX512-BF16 tile (gemm_isa_avx512bf16.cpp) where the CPU has it (its
+// numerics: q2ext/gemm_reference.py).  Work items (panel x row chunk)
 // are fixed by the shapes, and every output is computed by exactly one item, so results
 // do not depend on the thread count.
 #include <ATen/ATen.h>
@@ -34,6 +36,7 @@ struct Kernels {
   W8A8TileFn w8a8;
   W4A16TileFn w4a16;
   void (*quant)(const QuantArgs&, int64_t, int64_t);
+  W4A16TileFn w4a16_bf16;  // bf16-x tile with factored group constants, or nullptr
 };
 
 Kernels kernels() {
@@ -42,12 +45,18 @@ Kernels kernels() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512vnni") != 0;
   }();
+  static const bool bf16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
+  }();
   const CpuIsa isa = active_cpu_isa();
   if (isa == CpuIsa::kAvx512 && vnni)
-    return {avx512vnni::w8a8_tile, avx512vnni::w4a16_tile, avx512vnni::quantize_rows};
-  if (isa != CpuIsa::kScalar) return {avx2::w8a8_tile, avx2::w4a16_tile, avx2::quantize_rows};
+    return {avx512vnni::w8a8_tile, avx512vnni::w4a16_tile, avx512vnni::quantize_rows,
+            bf16 ? avx512bf16::w4a16_tile : nullptr};
+  if (isa != CpuIsa::kScalar)
+    return {avx2::w8a8_tile, avx2::w4a16_tile, avx2::quantize_rows, nullptr};
 #endif
-  return {scalar::w8a8_tile, scalar::w4a16_tile, scalar::quantize_rows};
+  return {scalar::w8a8_tile, scalar::w4a16_tile, scalar::quantize_rows, nullptr};
 }
 
 constexpr int64_t kRowChunk = 48;  // rows per work item: a multiple of every tile height
@@ -297,22 +306,41 @@ at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const a
               "q2ext.w4a16_mm: w_packed must be the contiguous uint8 output of pack_int4, shape [",
               ceil_div(N, kNB4), ", ", K, ", 8] for N=", N, ", K=", K, "; got ",
               w_packed.scalar_type(), " ", w_packed.sizes(), " (unpacked weights? use pack_int4)");
-  at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor sc = scales.contiguous(), zc = zeros.contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M > 0 && N > 0) {
-    W4A16Args a{xf.data_ptr<float>(), M, K, N, w_packed.data_ptr<uint8_t>(),
-                sc.data_ptr<float>(), zc.data_ptr<float>(), group_size, out.data_ptr<float>()};
-    const W4A16TileFn tile = kernels().w4a16;
-    constexpr int64_t kRows = 64;
-    const int64_t blocks = ceil_div(N, kNB4), chunks = ceil_div(M, kRows);
-    at::parallel_for(0, blocks * chunks, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t m0 = (i % chunks) * kRows;
-        tile(a, i / chunks, m0, std::min(M, m0 + kRows));
-      }
-    });
+  if (M == 0 || N == 0) return out.to(x.scalar_type());
+  W4A16Args a{nullptr, M, K, N, w_packed.data_ptr<uint8_t>(), sc.data_ptr<float>(),
+              zc.data_ptr<float>(), group_size, out.data_ptr<float>(), nullptr, nullptr};
+  const Kernels ks = kernels();
+  W4A16TileFn tile = ks.w4a16;
+  at::Tensor xc, xsum, xpairs;
+  if (ks.w4a16_bf16 && x.scalar_type() == at::kBFloat16) {
+    xc = x.contiguous();
+    xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
+    xpairs = at::empty({K / 2, M}, x.options().dtype(at::kInt));
+    a.xsum = xsum.data_ptr<float>();
+    a.xpairs = xpairs.data_ptr<int32_t>();
+#if defined(__x86_64__) || defined(__i386__)
+    if (avx512bf16::w4a16_prepare_bf16(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K,
+                                       group_size, xsum.data_ptr<float>(),
+                                       xpairs.data_ptr<int32_t>()))
+      tile = ks.w4a16_bf16;
+#endif
   }
+  if (tile == ks.w4a16) {
+    xc = x.to(at::kFloat).contiguous();
+    a.x = xc.data_ptr<float>();
+  }
+  // Work items are (16-column block, row chunk): at M = 1 the N / 16 blocks keep every
+  // thread busy, and each output belongs to exactly one item.
+  constexpr int64_t kRows = 64;
+  const int64_t blocks = ceil_div(N, kNB4), chunks = ceil_div(M, kRows);
+  at::parallel_for(0, blocks * chunks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m0 = (i % chunks) * kRows;
+      tile(a, i / chunks, m0, std::min(M, m0 + kRows));
+    }
+  });
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 

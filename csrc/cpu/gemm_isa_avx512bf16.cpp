@@ -1,0 +1,159 @@
+// AVX512-BF16 (+VBMI) W4A16 tile for bfloat16 activations: Zen 4, Cooper Lake, Sapphire
+// Rapids and newer.  Only this translation unit is compiled for this ISA and it includes
+// no torch or std headers (see fake_quant_math.h on why).
+//
+// The group scale and zero are factored out of the inner loop (gemm_kernels.h, W4A16
+// "bf16 tile"), so the inner product only needs the integer codes q - 8, which bf16
+// holds exactly.  VDPBF16PS then does 32 bf16 multiply-adds per instruction: lane j is
+// output column j, its pair holds two consecutive k.  Per 64-byte load (8 k-rows of the
+// 16-column block): one shift exposes the high nibbles, then per k-pair one two-source
+// byte permute (VPERMT2B) gathers the 32 nibbles into the low bytes of 32 words and one
+// word permute (VPERMW) maps them to bf16(q - 8) through a 32-entry table (its index is
+// the low 5 bits, so bit 4, a neighbouring nibble's bit, is absorbed by repeating the 16
+// values).  No cancellation: the products x * (q - 8) are exact in fp32.
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,avx2,fma,bmi2")
+#include <immintrin.h>
+
+#include "q2ext/gemm_kernels.h"
+
+namespace q2ext {
+namespace gemm {
+namespace avx512bf16 {
+namespace {
+
+// VPERMT2B indices of the four k-pairs of one 64-byte load: word 2j + e of pair p takes
+// byte j % 8 of k-row 2p + e from the load (columns 0..7, low nibbles) or from the load
+// shifted right by 4 (index bit 6: columns 8..15, high nibbles).
+struct PairIdx {
+  uint8_t b[4][64];
+};
+constexpr PairIdx make_pair_idx() {
+  PairIdx t{};
+  for (int p = 0; p < 4; ++p)
+    for (int j = 0; j < 16; ++j)
+      for (int e = 0; e < 2; ++e) {
+        const int src = (j < 8 ? 0 : 64) + 8 * (2 * p + e) + (j & 7);
+        t.b[p][2 * (2 * j + e)] = static_cast<uint8_t>(src);
+        t.b[p][2 * (2 * j + e) + 1] = static_cast<uint8_t>(src);
+      }
+  return t;
+}
+alignas(64) constexpr PairIdx kPairIdx = make_pair_idx();
+
+struct CodeTable {
+  uint16_t w[32];
+};
+constexpr CodeTable make_code_table() {
+  CodeTable t{};
+  for (int i = 0; i < 32; ++i)
+    t.w[i] = static_cast<uint16_t>(
+        __builtin_bit_cast(uint32_t, static_cast<float>((i & 15) - 8)) >> 16);
+  return t;
+}
+alignas(64) constexpr CodeTable kCodeTable = make_code_table();
+
+inline __mmask16 lanes(int64_t rem) {
+  return rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
+}
+
+// MR rows x 16 columns.  NA accumulators per row keep enough independent VDPBF16PS
+// chains in flight when MR is small (the instruction's latency is several cycles); the
+// per-group result goes to the fp32 output rows, which stay in L1.
+template <int MR>
+void w4bf_micro(const W4A16Args& a, const uint8_t* wb, int64_t m, int64_t n0, __mmask16 mk) {
+  constexpr int NA = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
+  const __m512i idx0 = _mm512_load_si512(kPairIdx.b[0]);
+  const __m512i idx1 = _mm512_load_si512(kPairIdx.b[1]);
+  const __m512i idx2 = _mm512_load_si512(kPairIdx.b[2]);
+  const __m512i idx3 = _mm512_load_si512(kPairIdx.b[3]);
+  const __m512i table = _mm512_load_si512(kCodeTable.w);
+  const int64_t M = a.M, G = a.K / a.group_size;
+  const int32_t* xr = a.xpairs + m;
+  float* yr = a.out + m * a.N + n0;
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[MR * NA];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR * NA; ++i) acc[i] = _mm512_setzero_ps();
+    const int64_t k1 = (g + 1) * a.group_size;
+    for (int64_t k = g * a.group_size; k < k1; k += 8) {
+      const __m512i v = _mm512_loadu_si512(wb + k * 8);
+      const __m512i hi = _mm512_srli_epi16(v, 4);
+      const __m512i idx[4] = {idx0, idx1, idx2, idx3};
+#pragma GCC unroll 4
+      for (int p = 0; p < 4; ++p) {
+        const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(
+            _mm512_permutex2var_epi8(v, idx[p], hi), table);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) {
+          const __m512bh xp = (__m512bh)_mm512_set1_epi32(xr[(k / 2 + p) * M + r]);
+          acc[r * NA + p % NA] = _mm512_dpbf16_ps(acc[r * NA + p % NA], w, xp);
+        }
+      }
+    }
+    const __m512 s = _mm512_maskz_loadu_ps(mk, a.scales + g * a.N + n0);
+    const __m512 z = _mm512_maskz_loadu_ps(mk, a.zeros + g * a.N + n0);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      __m512 d = acc[r * NA];
+#pragma GCC unroll 4
+      for (int i = 1; i < NA; ++i) d = _mm512_add_ps(d, acc[r * NA + i]);
+      float* y = yr + r * a.N;
+      __m512 t = g == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk, y);
+      t = _mm512_fmadd_ps(s, d, t);
+      t = _mm512_fmadd_ps(z, _mm512_set1_ps(a.xsum[(m + r) * G + g]), t);
+      _mm512_mask_storeu_ps(y, mk, t);
+    }
+  }
+}
+
+}  // namespace
+
+void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1) {
+  const uint8_t* wb = a.w + block * a.K * 8;
+  const int64_t n0 = block * kNB4;
+  const __mmask16 mk = lanes(a.N - n0);
+  int64_t m = m0;
+  for (; m + 16 <= m1; m += 16) w4bf_micro<16>(a, wb, m, n0, mk);
+  if (m1 - m >= 8) { w4bf_micro<8>(a, wb, m, n0, mk); m += 8; }
+  if (m1 - m >= 4) { w4bf_micro<4>(a, wb, m, n0, mk); m += 4; }
+  if (m1 - m >= 2) { w4bf_micro<2>(a, wb, m, n0, mk); m += 2; }
+  if (m1 - m >= 1) w4bf_micro<1>(a, wb, m, n0, mk);
+}
+
+bool w4a16_prepare_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,
+                        float* xsum, int32_t* xpairs) {
+  // VDPBF16PS treats subnormal inputs as zero and flushes subnormal results.  With every
+  // nonzero |x| >= 2^-96 neither can happen (partial sums of x * (q - 8) are multiples of
+  // 2^-103, far above FLT_MIN), so only then is the tile exact up to fp32 rounding.
+  const __m512i mag_mask = _mm512_set1_epi32(0x7FFF);
+  const __m512i min_normal = _mm512_set1_epi32(31 << 7);  // bf16 bits of 2^-96
+  __mmask16 tiny = 0;
+  const int64_t G = K / group_size;
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* xm = x + m * K;
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 16) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k));
+        const __m512i b = _mm512_cvtepu16_epi32(raw);
+        const __m512i mag = _mm512_and_si512(b, mag_mask);
+        tiny |= _mm512_mask_cmplt_epi32_mask(_mm512_test_epi32_mask(mag, mag), mag, min_normal);
+        s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)));
+        // The pairs (k, k + 1) of all rows are interleaved so that the tile reads one
+        // contiguous line per k-pair: rows K * 2 bytes apart share L1 sets and evict
+        // each other.
+        alignas(32) int32_t pairs[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), raw);
+        for (int i = 0; i < 8; ++i) xpairs[(k / 2 + i) * M + m] = pairs[i];
+      }
+      xsum[m * G + g] = _mm512_reduce_add_ps(s);
+    }
+  }
+  return tiny == 0;
+}
+
+}  // namespace avx512bf16
+}  // namespace gemm
+}  // namespace q2ext
+#endif
