@@ -328,7 +328,9 @@ at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const a
 #endif
   }
   if (tile == ks.w4a16) {
-    xc = x.to(at::kFloat).contiguous();
+    // Transposed, so that a tile's rows at one k share a cache line: rows K * 4 bytes
+    // apart map to the same L1 sets and evict each other.
+    xc = x.to(at::kFloat).t().contiguous();
     a.x = xc.data_ptr<float>();
   }
   // Work items are (16-column block, row chunk): at M = 1 the N / 16 blocks keep every

@@ -138,9 +138,8 @@ void w4_micro(const W4A16Args& a, const uint8_t* wb, int64_t m, int64_t n0, __mm
   __m512 acc[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
-  const float* xr[MR];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) xr[r] = a.x + (m + r) * a.K;
+  const float* xm = a.x + m;
+  const int64_t M = a.M;
   const __m128i nib = _mm_set1_epi8(0x0F);
   const int64_t groups = a.K / a.group_size;
   for (int64_t g = 0; g < groups; ++g) {
@@ -158,8 +157,8 @@ void w4_micro(const W4A16Args& a, const uint8_t* wb, int64_t m, int64_t n0, __mm
           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi64(lo, hi))), s, z);
 #pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) {
-        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r][k]), w0, acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r][k + 1]), w1, acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xm[k * M + r]), w0, acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xm[(k + 1) * M + r]), w1, acc[r]);
       }
     }
   }

@@ -56,7 +56,7 @@ using W8A8TileFn = void (*)(const W8A8Args&, int64_t panel, int64_t m0, int64_t 
 constexpr int64_t kNB4 = 16;
 
 struct W4A16Args {
-  const float* x;          // [M, K] fp32 (fp32 tiles; bf16 inputs are widened once)
+  const float* x;          // [K, M] fp32: x transposed (fp32 tiles; bf16 x is widened once)
   int64_t M, K, N;
   const uint8_t* w;        // [ceil(N / 16), K, 8]
   const float* scales;     // [K / g, N]
