@@ -15,7 +15,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,avx2,fma,bmi2")
 #include <immintrin.h>
 
-#include "q2ext/gemm_kernels.h"
+#include "q2ext/gemm_avx512.h"
 
 namespace q2ext {
 namespace gemm {
@@ -52,10 +52,6 @@ constexpr CodeTable make_code_table() {
   return t;
 }
 alignas(64) constexpr CodeTable kCodeTable = make_code_table();
-
-inline __mmask16 lanes(int64_t rem) {
-  return rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
-}
 
 // MR rows x 16 columns.  NA accumulators per row keep enough independent VDPBF16PS
 // chains in flight when MR is small (the instruction's latency is several cycles); the
@@ -113,12 +109,7 @@ void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1) {
   const uint8_t* wb = a.w + block * a.K * 8;
   const int64_t n0 = block * kNB4;
   const __mmask16 mk = lanes(a.N - n0);
-  int64_t m = m0;
-  for (; m + 16 <= m1; m += 16) w4bf_micro<16>(a, wb, m, n0, mk);
-  if (m1 - m >= 8) { w4bf_micro<8>(a, wb, m, n0, mk); m += 8; }
-  if (m1 - m >= 4) { w4bf_micro<4>(a, wb, m, n0, mk); m += 4; }
-  if (m1 - m >= 2) { w4bf_micro<2>(a, wb, m, n0, mk); m += 2; }
-  if (m1 - m >= 1) w4bf_micro<1>(a, wb, m, n0, mk);
+  w4_row_tiles(m0, m1, [&](auto t, int64_t m) { w4bf_micro<decltype(t)::kRows>(a, wb, m, n0, mk); });
 }
 
 bool w4a16_prepare_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,

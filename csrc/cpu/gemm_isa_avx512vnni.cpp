@@ -13,6 +13,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,bmi2")
 #include <immintrin.h>
 
+#include "q2ext/gemm_avx512.h"
 #include "q2ext/gemm_loops.h"
 
 namespace q2ext {
@@ -24,10 +25,6 @@ inline int32_t load_i32(const uint8_t* p) {
   int32_t v;
   __builtin_memcpy(&v, p, 4);
   return v;
-}
-
-inline __mmask16 lanes(int64_t rem) {
-  return rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
 }
 
 template <bool kSigned>
@@ -181,12 +178,7 @@ void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1) {
   const uint8_t* wb = a.w + block * a.K * 8;
   const int64_t n0 = block * kNB4;
   const __mmask16 mk = lanes(a.N - n0);
-  int64_t m = m0;
-  for (; m + 16 <= m1; m += 16) w4_micro<16>(a, wb, m, n0, mk);
-  if (m1 - m >= 8) { w4_micro<8>(a, wb, m, n0, mk); m += 8; }
-  if (m1 - m >= 4) { w4_micro<4>(a, wb, m, n0, mk); m += 4; }
-  if (m1 - m >= 2) { w4_micro<2>(a, wb, m, n0, mk); m += 2; }
-  if (m1 - m >= 1) w4_micro<1>(a, wb, m, n0, mk);
+  w4_row_tiles(m0, m1, [&](auto t, int64_t m) { w4_micro<decltype(t)::kRows>(a, wb, m, n0, mk); });
 }
 
 void quantize_rows(const QuantArgs& a, int64_t m0, int64_t m1) { quantize_rows_impl(a, m0, m1); }
