@@ -116,9 +116,9 @@ def w4a16_mm(x, w_packed, scales, zeros, group_size=128):
         w_packed: uint8 [ceil(N/16), K, 8] from :func:`pack_int4`.
         scales, zeros: float32 [K / group_size, N].
         group_size: 32, 64 or 128.
-    Returns: [M, N] in x's dtype (fp32 accumulation; bfloat16 x uses an AVX512-BF16
-    kernel where the CPU has one, which factors the group scale out of the k loop:
-    same result to <= 1e-3 relative error, see :mod:`q2ext.gemm_reference`).
+    Returns: [M, N] in x's dtype (fp32 accumulation; the AVX-512 kernels factor the
+    group scale out of the k loop, bfloat16 x uses AVX512-BF16 where the CPU has it:
+    the same result to <= 1e-3 relative error, see :mod:`q2ext.gemm_reference`).
     """
     _tensor(x, "x", "w4a16_mm")
     return torch.ops.q2ext.w4a16_mm(x, w_packed, scales, zeros, group_size)

@@ -37,6 +37,8 @@ struct Kernels {
   W4A16TileFn w4a16;
   void (*quant)(const QuantArgs&, int64_t, int64_t);
   W4A16TileFn w4a16_bf16;  // bf16-x tile with factored group constants, or nullptr
+  // xsum of the w4a16 tile, or nullptr when it does not factor the group constants
+  void (*w4a16_sums)(const float*, int64_t, int64_t, int64_t, float*);
 };
 
 Kernels kernels() {
@@ -52,11 +54,11 @@ Kernels kernels() {
   const CpuIsa isa = active_cpu_isa();
   if (isa == CpuIsa::kAvx512 && vnni)
     return {avx512vnni::w8a8_tile, avx512vnni::w4a16_tile, avx512vnni::quantize_rows,
-            bf16 ? avx512bf16::w4a16_tile : nullptr};
+            bf16 ? avx512bf16::w4a16_tile : nullptr, avx512vnni::w4a16_group_sums};
   if (isa != CpuIsa::kScalar)
-    return {avx2::w8a8_tile, avx2::w4a16_tile, avx2::quantize_rows, nullptr};
+    return {avx2::w8a8_tile, avx2::w4a16_tile, avx2::quantize_rows, nullptr, nullptr};
 #endif
-  return {scalar::w8a8_tile, scalar::w4a16_tile, scalar::quantize_rows, nullptr};
+  return {scalar::w8a8_tile, scalar::w4a16_tile, scalar::quantize_rows, nullptr, nullptr};
 }
 
 constexpr int64_t kRowChunk = 48;  // rows per work item: a multiple of every tile height
@@ -328,10 +330,14 @@ at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const a
 #endif
   }
   if (tile == ks.w4a16) {
-    // Transposed, so that a tile's rows at one k share a cache line: rows K * 4 bytes
-    // apart map to the same L1 sets and evict each other.
-    xc = x.to(at::kFloat).t().contiguous();
-    a.x = xc.data_ptr<float>();
+    xc = x.to(at::kFloat).contiguous();
+    if (ks.w4a16_sums) {
+      xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
+      a.xsum = xsum.data_ptr<float>();
+      ks.w4a16_sums(xc.data_ptr<float>(), M, K, group_size, xsum.data_ptr<float>());
+    }
+    xpairs = xc.view({M, K / 2, 2}).permute({1, 0, 2}).contiguous();  // w4_x_index
+    a.x = xpairs.data_ptr<float>();
   }
   // Work items are (16-column block, row chunk): at M = 1 the N / 16 blocks keep every
   // thread busy, and each output belongs to exactly one item.

@@ -54,8 +54,7 @@ constexpr CodeTable make_code_table() {
 alignas(64) constexpr CodeTable kCodeTable = make_code_table();
 
 // MR rows x 16 columns.  NA accumulators per row keep enough independent VDPBF16PS
-// chains in flight when MR is small (the instruction's latency is several cycles); the
-// per-group result goes to the fp32 output rows, which stay in L1.
+// chains in flight when MR is small (the instruction's latency is several cycles).
 template <int MR>
 void w4bf_micro(const W4A16Args& a, const uint8_t* wb, int64_t m, int64_t n0, __mmask16 mk) {
   constexpr int NA = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
@@ -66,7 +65,6 @@ void w4bf_micro(const W4A16Args& a, const uint8_t* wb, int64_t m, int64_t n0, __
   const __m512i table = _mm512_load_si512(kCodeTable.w);
   const int64_t M = a.M, G = a.K / a.group_size;
   const int32_t* xr = a.xpairs + m;
-  float* yr = a.out + m * a.N + n0;
   for (int64_t g = 0; g < G; ++g) {
     __m512 acc[MR * NA];
 #pragma GCC unroll 16
@@ -94,11 +92,7 @@ void w4bf_micro(const W4A16Args& a, const uint8_t* wb, int64_t m, int64_t n0, __
       __m512 d = acc[r * NA];
 #pragma GCC unroll 4
       for (int i = 1; i < NA; ++i) d = _mm512_add_ps(d, acc[r * NA + i]);
-      float* y = yr + r * a.N;
-      __m512 t = g == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk, y);
-      t = _mm512_fmadd_ps(s, d, t);
-      t = _mm512_fmadd_ps(z, _mm512_set1_ps(a.xsum[(m + r) * G + g]), t);
-      _mm512_mask_storeu_ps(y, mk, t);
+      w4_add_group(a, g, m + r, n0, mk, s, z, d);
     }
   }
 }
@@ -109,7 +103,7 @@ void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1) {
   const uint8_t* wb = a.w + block * a.K * 8;
   const int64_t n0 = block * kNB4;
   const __mmask16 mk = lanes(a.N - n0);
-  w4_row_tiles(m0, m1, [&](auto t, int64_t m) { w4bf_micro<decltype(t)::kRows>(a, wb, m, n0, mk); });
+  w4_row_tiles<16>(m0, m1, [&](auto t, int64_t m) { w4bf_micro<decltype(t)::kRows>(a, wb, m, n0, mk); });
 }
 
 bool w4a16_prepare_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,

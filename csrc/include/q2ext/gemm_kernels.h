@@ -49,14 +49,17 @@ using W8A8TileFn = void (*)(const W8A8Args&, int64_t panel, int64_t m0, int64_t 
 // = q[16b + j, k] | q[16b + 8 + j, k] << 4 (so one 8-byte load dequantises into 16
 // lanes in column order).  w[n, k] = (q - 8) * scales[k / g, n] + zeros[k / g, n].
 //
-// The fp32 tiles dequantise each weight and multiply-add it in fp32.  The bf16 tile
-// (bfloat16 x on AVX512-BF16 CPUs) factors the group constants out of the k loop:
+// The AVX2 and scalar tiles dequantise each weight and multiply-add it in fp32.  The
+// AVX-512 tiles (fp32 x, and bfloat16 x on AVX512-BF16 CPUs) factor the group constants
+// out of the k loop:
 //   y[m, n] = sum_g ( s[g, n] * sum_{k in g} x[m, k] * (q[n, k] - 8) + z[g, n] * xsum[m, g] )
-// with xsum[m, g] = sum_{k in g} x[m, k] computed once per call (w4a16_prepare_bf16).
+// with xsum[m, g] = sum_{k in g} x[m, k] computed once per call (w4a16_group_sums,
+// w4a16_prepare_bf16).
 constexpr int64_t kNB4 = 16;
 
 struct W4A16Args {
-  const float* x;          // [K, M] fp32: x transposed (fp32 tiles; bf16 x is widened once)
+  const float* x;          // [K / 2, M, 2] fp32 pairs, see w4_x_index (fp32 tiles; bf16 x is
+                           // widened once)
   int64_t M, K, N;
   const uint8_t* w;        // [ceil(N / 16), K, 8]
   const float* scales;     // [K / g, N]
@@ -64,8 +67,15 @@ struct W4A16Args {
   int64_t group_size;
   float* out;              // [M, N] fp32
   const int32_t* xpairs;   // [K / 2, M] bf16 pairs (x[m, 2i], x[m, 2i + 1]) (bf16 tile only)
-  const float* xsum;       // [M, K / g] per-group sums of x (bf16 tile only)
+  const float* xsum;       // [M, K / g] per-group sums of x (factored tiles only)
 };
+
+// x[m, k] of the fp32 tiles: pairs (x[m, 2i], x[m, 2i + 1]) of all rows side by side, so
+// the rows of a tile at one k-pair share a cache line (rows K * 4 bytes apart would map
+// to the same L1 sets and evict each other).
+static inline int64_t w4_x_index(int64_t M, int64_t m, int64_t k) {
+  return ((k >> 1) * M + m) * 2 + (k & 1);
+}
 
 using W4A16TileFn = void (*)(const W4A16Args&, int64_t block, int64_t m0, int64_t m1);
 
@@ -83,12 +93,16 @@ using W4A16TileFn = void (*)(const W4A16Args&, int64_t block, int64_t m0, int64_
   }                                                                                     \
   }
 
-// The AVX512-BF16 W4A16 tile (gemm_isa_avx512bf16.cpp).  w4a16_prepare_bf16 fills
+// xsum of the AVX-512 fp32 W4A16 tile from x [M, K] fp32 (gemm_isa_avx512vnni.cpp), and
+// the AVX512-BF16 W4A16 tile (gemm_isa_avx512bf16.cpp).  w4a16_prepare_bf16 fills
 // xsum [M, K / group_size] and xpairs [K / 2, M] from x [M, K] (bf16 bits) and returns
 // false when x holds a nonzero |x| < 2^-96, which the tile (VDPBF16PS flushes
 // subnormals) would not compute to fp32 accuracy.
 namespace q2ext {
 namespace gemm {
+namespace avx512vnni {
+void w4a16_group_sums(const float* x, int64_t M, int64_t K, int64_t group_size, float* xsum);
+}  // namespace avx512vnni
 namespace avx512bf16 {
 void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1);
 bool w4a16_prepare_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,

@@ -146,7 +146,7 @@ static inline void w4a16_tile_scalar_impl(const W4A16Args& a, int64_t block, int
         w[j] = q2_add(q2_mul(static_cast<float>(row[j] & 15), s[j]), z[j]);
         w[j + 8] = q2_add(q2_mul(static_cast<float>(row[j] >> 4), s[j + 8]), z[j + 8]);
       }
-      const float xk = a.x[k * a.M + m];
+      const float xk = a.x[w4_x_index(a.M, m, k)];
       for (int64_t j = 0; j < kNB4; ++j) acc[j] = q2_add(acc[j], q2_mul(xk, w[j]));
     }
     for (int64_t j = 0; j < width; ++j) a.out[m * a.N + n0 + j] = acc[j];
