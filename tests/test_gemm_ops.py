@@ -141,18 +141,27 @@ def _check_bf16_out(got, want):
     assert _rel(got, exact) <= 5e-4, _rel(got, exact)
 
 
+def _check_f32_out(got, want):
+    # The contract is 1e-3; fp32 accumulation over K <= 4096 stays near 1e-6, so a
+    # tighter bound catches lost precision long before it matters.
+    assert got.dtype == torch.float32
+    assert _rel(got, want) <= 1e-4, _rel(got, want)
+
+
 @pytest.mark.parametrize("m", [1, 2, 16, 17])
 @pytest.mark.parametrize("n,k", [(33, None), (1, 4096), (129, 4096)])
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_w4a16_mm_bf16(isa, m, n, k, group):
-    """bf16 activations (the AVX512-BF16 tile on CPUs that have it); k=None: 2 groups."""
+def test_w4a16_mm_shapes(isa, m, n, k, group):
+    """bf16 x (the AVX512-BF16 tile on CPUs that have it) and fp32 x (the same values);
+    k=None: 2 groups."""
     k = k or 2 * group
     x, wp, s, z, want = _w4_case(m, n, k, group, m * 1000 + n + k + group)
     _check_bf16_out(ops.w4a16_mm(x, wp, s, z, group), want)
+    _check_f32_out(ops.w4a16_mm(x.float(), wp, s, z, group), want)
 
 
 @pytest.mark.parametrize("x_mean", [30.0, -1000.0])
-def test_w4a16_mm_bf16_large_mean(isa, x_mean):
+def test_w4a16_mm_large_mean(isa, x_mean):
     """|mean x| >> std x: the per-group x sums (zeros term) are large, the code term is
     not; nothing may cancel catastrophically.  Zero zeros make the true result depend
     only on the code term."""
@@ -160,6 +169,7 @@ def test_w4a16_mm_bf16_large_mean(isa, x_mean):
     for z in (torch.randn(s.shape) * 0.05, torch.zeros(s.shape)):
         want = x.double() @ gemm.dequantize_int4(wp, s, z, 128).double().T
         _check_bf16_out(ops.w4a16_mm(x, wp, s, z, 128), want)
+        _check_f32_out(ops.w4a16_mm(x.float(), wp, s, z, 128), want)
 
 
 def test_w4a16_mm_bf16_tiny_x(isa):
