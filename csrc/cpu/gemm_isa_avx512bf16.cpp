@@ -6,11 +6,11 @@
 // "bf16 tile"), so the inner product only needs the integer codes q - 8, which bf16
 // holds exactly.  VDPBF16PS then does 32 bf16 multiply-adds per instruction: lane j is
 // output column j, its pair holds two consecutive k.  Per 64-byte load (8 k-rows of the
-// 16-column block): one shift exposes the high nibbles, then per k-pair one two-source
-// byte permute (VPERMT2B) gathers the 32 nibbles into the low bytes of 32 words and one
-// word permute (VPERMW) maps them to bf16(q - 8) through a 32-entry table (its index is
-// the low 5 bits, so bit 4, a neighbouring nibble's bit, is absorbed by repeating the 16
-// values).  No cancellation: the products x * (q - 8) are exact in fp32.
+// 16-column block): one shift exposes the high nibbles, then per two k-pairs one
+// two-source byte permute (VPERMT2B) gathers the nibbles into the bytes of 32 words, and
+// per k-pair one word permute (VPERMW) maps them to bf16(q - 8) through a 32-entry table
+// (its index is the low 5 bits, so bit 4, a neighbouring nibble's bit, is absorbed by
+// repeating the 16 values).  No cancellation: the products x * (q - 8) are exact in fp32.
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,avx2,fma,bmi2")
 #include <immintrin.h>
@@ -22,21 +22,21 @@ namespace gemm {
 namespace avx512bf16 {
 namespace {
 
-// VPERMT2B indices of the four k-pairs of one 64-byte load: word 2j + e of pair p takes
-// byte j % 8 of k-row 2p + e from the load (columns 0..7, low nibbles) or from the load
-// shifted right by 4 (index bit 6: columns 8..15, high nibbles).
+// VPERMT2B indices for two k-pairs at once: the low byte of word 2j + e serves k-pair 2c,
+// the high byte k-pair 2c + 1, so one byte permute feeds two VPERMW (the second after a
+// 16-bit shift, an ALU op: the permutes are the bottleneck at M = 1).  For k-pair p, word
+// 2j + e takes byte j % 8 of k-row 2p + e of the load (columns 0..7, low nibbles) or of
+// the load shifted right by 4 (index bit 6: columns 8..15, high nibbles).
 struct PairIdx {
-  uint8_t b[4][64];
+  uint8_t b[2][64];
 };
 constexpr PairIdx make_pair_idx() {
   PairIdx t{};
   for (int p = 0; p < 4; ++p)
     for (int j = 0; j < 16; ++j)
-      for (int e = 0; e < 2; ++e) {
-        const int src = (j < 8 ? 0 : 64) + 8 * (2 * p + e) + (j & 7);
-        t.b[p][2 * (2 * j + e)] = static_cast<uint8_t>(src);
-        t.b[p][2 * (2 * j + e) + 1] = static_cast<uint8_t>(src);
-      }
+      for (int e = 0; e < 2; ++e)
+        t.b[p / 2][2 * (2 * j + e) + p % 2] =
+            static_cast<uint8_t>((j < 8 ? 0 : 64) + 8 * (2 * p + e) + (j & 7));
   return t;
 }
 alignas(64) constexpr PairIdx kPairIdx = make_pair_idx();
@@ -60,8 +60,6 @@ void w4bf_micro(const W4A16Args& a, const uint8_t* wb, int64_t m, int64_t n0, __
   constexpr int NA = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
   const __m512i idx0 = _mm512_load_si512(kPairIdx.b[0]);
   const __m512i idx1 = _mm512_load_si512(kPairIdx.b[1]);
-  const __m512i idx2 = _mm512_load_si512(kPairIdx.b[2]);
-  const __m512i idx3 = _mm512_load_si512(kPairIdx.b[3]);
   const __m512i table = _mm512_load_si512(kCodeTable.w);
   const int64_t M = a.M, G = a.K / a.group_size;
   const int32_t* xr = a.xpairs + m;
@@ -73,11 +71,12 @@ void w4bf_micro(const W4A16Args& a, const uint8_t* wb, int64_t m, int64_t n0, __
     for (int64_t k = g * a.group_size; k < k1; k += 8) {
       const __m512i v = _mm512_loadu_si512(wb + k * 8);
       const __m512i hi = _mm512_srli_epi16(v, 4);
-      const __m512i idx[4] = {idx0, idx1, idx2, idx3};
+      const __m512i two[2] = {_mm512_permutex2var_epi8(v, idx0, hi),
+                              _mm512_permutex2var_epi8(v, idx1, hi)};
 #pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {
-        const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(
-            _mm512_permutex2var_epi8(v, idx[p], hi), table);
+        const __m512i t = p % 2 ? _mm512_srli_epi16(two[p / 2], 8) : two[p / 2];
+        const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(t, table);
 #pragma GCC unroll 16
         for (int r = 0; r < MR; ++r) {
           const __m512bh xp = (__m512bh)_mm512_set1_epi32(xr[(k / 2 + p) * M + r]);
