@@ -53,47 +53,31 @@ constexpr CodeTable make_code_table() {
 }
 alignas(64) constexpr CodeTable kCodeTable = make_code_table();
 
-// MR rows x 16 columns.  NA accumulators per row keep enough independent VDPBF16PS
-// chains in flight when MR is small (the instruction's latency is several cycles).
+// MR rows x 16 columns, one 64-byte load (8 k-rows) per step.
 template <int MR>
 void w4bf_micro(const W4A16Args& a, const uint8_t* wb, int64_t m, int64_t n0, __mmask16 mk) {
-  constexpr int NA = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
+  constexpr int NA = w4_chains(MR);
   const __m512i idx0 = _mm512_load_si512(kPairIdx.b[0]);
   const __m512i idx1 = _mm512_load_si512(kPairIdx.b[1]);
   const __m512i table = _mm512_load_si512(kCodeTable.w);
-  const int64_t M = a.M, G = a.K / a.group_size;
+  const int64_t M = a.M;
   const int32_t* xr = a.xpairs + m;
-  for (int64_t g = 0; g < G; ++g) {
-    __m512 acc[MR * NA];
-#pragma GCC unroll 16
-    for (int i = 0; i < MR * NA; ++i) acc[i] = _mm512_setzero_ps();
-    const int64_t k1 = (g + 1) * a.group_size;
-    for (int64_t k = g * a.group_size; k < k1; k += 8) {
-      const __m512i v = _mm512_loadu_si512(wb + k * 8);
-      const __m512i hi = _mm512_srli_epi16(v, 4);
-      const __m512i two[2] = {_mm512_permutex2var_epi8(v, idx0, hi),
-                              _mm512_permutex2var_epi8(v, idx1, hi)};
+  w4_factored_rows<MR, 8>(a, m, n0, mk, [&](int64_t k, __m512* acc) {
+    const __m512i v = _mm512_loadu_si512(wb + k * 8);
+    const __m512i hi = _mm512_srli_epi16(v, 4);
+    const __m512i two[2] = {_mm512_permutex2var_epi8(v, idx0, hi),
+                            _mm512_permutex2var_epi8(v, idx1, hi)};
 #pragma GCC unroll 4
-      for (int p = 0; p < 4; ++p) {
-        const __m512i t = p % 2 ? _mm512_srli_epi16(two[p / 2], 8) : two[p / 2];
-        const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(t, table);
+    for (int p = 0; p < 4; ++p) {
+      const __m512i t = p % 2 ? _mm512_srli_epi16(two[p / 2], 8) : two[p / 2];
+      const __m512bh w = (__m512bh)_mm512_permutexvar_epi16(t, table);
 #pragma GCC unroll 16
-        for (int r = 0; r < MR; ++r) {
-          const __m512bh xp = (__m512bh)_mm512_set1_epi32(xr[(k / 2 + p) * M + r]);
-          acc[r * NA + p % NA] = _mm512_dpbf16_ps(acc[r * NA + p % NA], w, xp);
-        }
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh xp = (__m512bh)_mm512_set1_epi32(xr[(k / 2 + p) * M + r]);
+        acc[r * NA + p % NA] = _mm512_dpbf16_ps(acc[r * NA + p % NA], w, xp);
       }
     }
-    const __m512 s = _mm512_maskz_loadu_ps(mk, a.scales + g * a.N + n0);
-    const __m512 z = _mm512_maskz_loadu_ps(mk, a.zeros + g * a.N + n0);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      __m512 d = acc[r * NA];
-#pragma GCC unroll 4
-      for (int i = 1; i < NA; ++i) d = _mm512_add_ps(d, acc[r * NA + i]);
-      w4_add_group(a, g, m + r, n0, mk, s, z, d);
-    }
-  }
+  });
 }
 
 }  // namespace

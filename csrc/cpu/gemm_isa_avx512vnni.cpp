@@ -143,40 +143,24 @@ inline __m512 w4_codes(const uint8_t* row, __m512i shifts, __m512 codes) {
   return _mm512_permutexvar_ps(_mm512_srlv_epi32(d, shifts), codes);
 }
 
-// MR rows x 16 columns with the group constants factored out (gemm_kernels.h): the k
-// loop only turns nibbles into q - 8 and FMAs them with x.  NA accumulators per row
-// keep enough FMA chains in flight when MR is small.
+// MR rows x 16 columns with the group constants factored out: the k loop only turns
+// nibbles into q - 8 and FMAs them with x.
 template <int MR>
 void w4_micro(const W4A16Args& a, const uint8_t* wb, int64_t m, int64_t n0, __mmask16 mk) {
-  constexpr int NA = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
+  constexpr int NA = w4_chains(MR);
   const __m512 codes = _mm512_load_ps(kCodes);
   const __m512i shifts = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
-  const int64_t M = a.M, G = a.K / a.group_size;
-  for (int64_t g = 0; g < G; ++g) {
-    __m512 acc[MR * NA];
-#pragma GCC unroll 16
-    for (int i = 0; i < MR * NA; ++i) acc[i] = _mm512_setzero_ps();
-    const int64_t k1 = (g + 1) * a.group_size;
-    for (int64_t k = g * a.group_size; k < k1; k += 4) {
+  const int64_t M = a.M;
+  w4_factored_rows<MR, 4>(a, m, n0, mk, [&](int64_t k, __m512* acc) {
 #pragma GCC unroll 4
-      for (int p = 0; p < 4; ++p) {
-        const __m512 w = w4_codes(wb + (k + p) * 8, shifts, codes);
-        const float* xk = a.x + w4_x_index(M, m, k + p);
+    for (int p = 0; p < 4; ++p) {
+      const __m512 w = w4_codes(wb + (k + p) * 8, shifts, codes);
+      const float* xk = a.x + w4_x_index(M, m, k + p);
 #pragma GCC unroll 16
-        for (int r = 0; r < MR; ++r)
-          acc[r * NA + p % NA] = _mm512_fmadd_ps(_mm512_set1_ps(xk[2 * r]), w, acc[r * NA + p % NA]);
-      }
+      for (int r = 0; r < MR; ++r)
+        acc[r * NA + p % NA] = _mm512_fmadd_ps(_mm512_set1_ps(xk[2 * r]), w, acc[r * NA + p % NA]);
     }
-    const __m512 s = _mm512_maskz_loadu_ps(mk, a.scales + g * a.N + n0);
-    const __m512 z = _mm512_maskz_loadu_ps(mk, a.zeros + g * a.N + n0);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      __m512 d = acc[r * NA];
-#pragma GCC unroll 4
-      for (int i = 1; i < NA; ++i) d = _mm512_add_ps(d, acc[r * NA + i]);
-      w4_add_group(a, g, m + r, n0, mk, s, z, d);
-    }
-  }
+  });
 }
 
 }  // namespace

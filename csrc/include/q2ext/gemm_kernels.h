@@ -93,11 +93,12 @@ using W4A16TileFn = void (*)(const W4A16Args&, int64_t block, int64_t m0, int64_
   }                                                                                     \
   }
 
-// xsum of the AVX-512 fp32 W4A16 tile from x [M, K] fp32 (gemm_isa_avx512vnni.cpp), and
-// the AVX512-BF16 W4A16 tile (gemm_isa_avx512bf16.cpp).  w4a16_prepare_bf16 fills
-// xsum [M, K / group_size] and xpairs [K / 2, M] from x [M, K] (bf16 bits) and returns
-// false when x holds a nonzero |x| < 2^-96, which the tile (VDPBF16PS flushes
-// subnormals) would not compute to fp32 accuracy.
+// Entry points outside the common set.  avx512vnni::w4a16_group_sums fills xsum
+// [M, K / group_size] from fp32 x [M, K] for that unit's (factored) W4A16 tile.  The
+// AVX512-BF16 W4A16 tile (gemm_isa_avx512bf16.cpp) reads xsum and xpairs [K / 2, M]
+// that w4a16_prepare_bf16 fills from bf16 x [M, K]; it returns false when x holds a
+// nonzero |x| < 2^-96, which the tile (VDPBF16PS flushes subnormals) would not compute
+// to fp32 accuracy: the caller then uses the fp32 tile.
 namespace q2ext {
 namespace gemm {
 namespace avx512vnni {
