@@ -188,6 +188,16 @@ def test_w4a16_mm_bf16_tiny_x(isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a16_mm_empty(isa, dtype):
+    wp = gemm.pack_int4(torch.zeros(5, 0, dtype=torch.int64))
+    y = ops.w4a16_mm(torch.randn(3, 0).to(dtype), wp, torch.ones(0, 5), torch.zeros(0, 5), 32)
+    assert y.dtype == dtype and torch.equal(y, torch.zeros(3, 5, dtype=dtype))  # K = 0: y = 0
+    wp = gemm.pack_int4(torch.zeros(5, 64, dtype=torch.int64))
+    y = ops.w4a16_mm(torch.randn(0, 64).to(dtype), wp, torch.ones(2, 5), torch.zeros(2, 5), 32)
+    assert y.shape == (0, 5) and y.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w4a16_mm_thread_invariant(isa, dtype):
     x, wp, s, z, _ = _w4_case(17, 129, 1024, 64, 11)
     x = x.to(dtype)

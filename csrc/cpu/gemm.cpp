@@ -310,7 +310,8 @@ at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const a
               w_packed.scalar_type(), " ", w_packed.sizes(), " (unpacked weights? use pack_int4)");
   at::Tensor sc = scales.contiguous(), zc = zeros.contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M == 0 || N == 0) return out.to(x.scalar_type());
+  // K = 0: y = 0 (the factored tiles write outputs per group, and there is none).
+  if (M == 0 || N == 0 || K == 0) return out.zero_().to(x.scalar_type());
   W4A16Args a{nullptr, M, K, N, w_packed.data_ptr<uint8_t>(), sc.data_ptr<float>(),
               zc.data_ptr<float>(), group_size, out.data_ptr<float>(), nullptr, nullptr};
   const Kernels ks = kernels();
