@@ -188,6 +188,19 @@ def test_w4a16_mm_bf16_tiny_x(isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a16_mm_non_finite_x(isa, dtype):
+    """inf / NaN in x give the reference's inf / NaN outputs (the factored tiles would
+    turn inf * (q - 8 = 0) into NaN, so the kernel dequantises each weight then)."""
+    x, wp, s, z, _ = _w4_case(4, 33, 64, 32, 13)
+    x[0, 3], x[1, 5], x[2, 9] = float("inf"), float("nan"), -float("inf")
+    x = x.to(dtype)
+    got, want = ops.w4a16_mm(x, wp, s, z, 32), ref.w4a16_mm(x, wp, s, z, 32)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert torch.equal(got[got.isinf()], want[want.isinf()])  # same signs
+    assert _rel(got[3], want[3]) <= 1e-2  # the finite row (bf16 output rounding)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w4a16_mm_empty(isa, dtype):
     wp = gemm.pack_int4(torch.zeros(5, 0, dtype=torch.int64))
     y = ops.w4a16_mm(torch.randn(3, 0).to(dtype), wp, torch.ones(0, 5), torch.zeros(0, 5), 32)

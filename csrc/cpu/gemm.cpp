@@ -37,8 +37,10 @@ struct Kernels {
   W4A16TileFn w4a16;
   void (*quant)(const QuantArgs&, int64_t, int64_t);
   W4A16TileFn w4a16_bf16;  // bf16-x tile with factored group constants, or nullptr
-  // xsum of the w4a16 tile, or nullptr when it does not factor the group constants
-  void (*w4a16_sums)(const float*, int64_t, int64_t, int64_t, float*);
+  // xsum of the w4a16 tile, or nullptr when it does not factor the group constants;
+  // false: x is not finite, use w4a16_plain (dequantises each weight)
+  bool (*w4a16_sums)(const float*, int64_t, int64_t, int64_t, float*);
+  W4A16TileFn w4a16_plain;
 };
 
 Kernels kernels() {
@@ -54,11 +56,14 @@ Kernels kernels() {
   const CpuIsa isa = active_cpu_isa();
   if (isa == CpuIsa::kAvx512 && vnni)
     return {avx512vnni::w8a8_tile, avx512vnni::w4a16_tile, avx512vnni::quantize_rows,
-            bf16 ? avx512bf16::w4a16_tile : nullptr, avx512vnni::w4a16_group_sums};
+            bf16 ? avx512bf16::w4a16_tile : nullptr, avx512vnni::w4a16_group_sums,
+            avx2::w4a16_tile};
   if (isa != CpuIsa::kScalar)
-    return {avx2::w8a8_tile, avx2::w4a16_tile, avx2::quantize_rows, nullptr, nullptr};
+    return {avx2::w8a8_tile, avx2::w4a16_tile, avx2::quantize_rows, nullptr, nullptr,
+            avx2::w4a16_tile};
 #endif
-  return {scalar::w8a8_tile, scalar::w4a16_tile, scalar::quantize_rows, nullptr, nullptr};
+  return {scalar::w8a8_tile, scalar::w4a16_tile, scalar::quantize_rows, nullptr, nullptr,
+          scalar::w4a16_tile};
 }
 
 constexpr int64_t kRowChunk = 48;  // rows per work item: a multiple of every tile height
@@ -315,7 +320,7 @@ at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const a
   W4A16Args a{nullptr, M, K, N, w_packed.data_ptr<uint8_t>(), sc.data_ptr<float>(),
               zc.data_ptr<float>(), group_size, out.data_ptr<float>(), nullptr, nullptr};
   const Kernels ks = kernels();
-  W4A16TileFn tile = ks.w4a16;
+  W4A16TileFn tile = nullptr;
   at::Tensor xc, xsum, xpairs;
   if (ks.w4a16_bf16 && x.scalar_type() == at::kBFloat16) {
     xc = x.contiguous();
@@ -330,12 +335,14 @@ at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const a
       tile = ks.w4a16_bf16;
 #endif
   }
-  if (tile == ks.w4a16) {
+  if (!tile) {
     xc = x.to(at::kFloat).contiguous();
+    tile = ks.w4a16;
     if (ks.w4a16_sums) {
       xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
       a.xsum = xsum.data_ptr<float>();
-      ks.w4a16_sums(xc.data_ptr<float>(), M, K, group_size, xsum.data_ptr<float>());
+      if (!ks.w4a16_sums(xc.data_ptr<float>(), M, K, group_size, xsum.data_ptr<float>()))
+        tile = ks.w4a16_plain;
     }
     xpairs = xc.view({M, K / 2, 2}).permute({1, 0, 2}).contiguous();  // w4_x_index
     a.x = xpairs.data_ptr<float>();

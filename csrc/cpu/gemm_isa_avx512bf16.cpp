@@ -94,9 +94,11 @@ bool w4a16_prepare_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t group_s
   // VDPBF16PS treats subnormal inputs as zero and flushes subnormal results.  With every
   // nonzero |x| >= 2^-96 neither can happen (partial sums of x * (q - 8) are multiples of
   // 2^-103, far above FLT_MIN), so only then is the tile exact up to fp32 rounding.
+  // Non-finite x is refused as well (see w4a16_group_sums).
   const __m512i mag_mask = _mm512_set1_epi32(0x7FFF);
   const __m512i min_normal = _mm512_set1_epi32(31 << 7);  // bf16 bits of 2^-96
-  __mmask16 tiny = 0;
+  const __m512i inf_bits = _mm512_set1_epi32(0x7F80);
+  __mmask16 tiny = 0, non_finite = 0;
   const int64_t G = K / group_size;
   for (int64_t m = 0; m < M; ++m) {
     const uint16_t* xm = x + m * K;
@@ -107,6 +109,7 @@ bool w4a16_prepare_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t group_s
         const __m512i b = _mm512_cvtepu16_epi32(raw);
         const __m512i mag = _mm512_and_si512(b, mag_mask);
         tiny |= _mm512_mask_cmplt_epi32_mask(_mm512_test_epi32_mask(mag, mag), mag, min_normal);
+        non_finite |= _mm512_cmpge_epi32_mask(mag, inf_bits);
         s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)));
         // The pairs (k, k + 1) of all rows are interleaved so that the tile reads one
         // contiguous line per k-pair: rows K * 2 bytes apart share L1 sets and evict
@@ -118,7 +121,7 @@ bool w4a16_prepare_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t group_s
       xsum[m * G + g] = _mm512_reduce_add_ps(s);
     }
   }
-  return tiny == 0;
+  return (tiny | non_finite) == 0;
 }
 
 }  // namespace avx512bf16

@@ -181,15 +181,23 @@ void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1) {
   w4_row_tiles<16>(m0, m1, [&](auto t, int64_t m) { w4_micro<decltype(t)::kRows>(a, wb, m, n0, mk); });
 }
 
-void w4a16_group_sums(const float* x, int64_t M, int64_t K, int64_t group_size, float* xsum) {
+bool w4a16_group_sums(const float* x, int64_t M, int64_t K, int64_t group_size, float* xsum) {
   const int64_t G = K / group_size;
+  const __m512i exp_mask = _mm512_set1_epi32(0x7F800000);
+  __mmask16 non_finite = 0;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
       const float* xg = x + m * K + g * group_size;
-      __m512 s = _mm512_loadu_ps(xg);
-      for (int64_t k = 16; k < group_size; k += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(xg + k));
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t k = 0; k < group_size; k += 16) {
+        const __m512 v = _mm512_loadu_ps(xg + k);
+        const __m512i e = _mm512_and_si512(_mm512_castps_si512(v), exp_mask);
+        non_finite |= _mm512_cmpeq_epi32_mask(e, exp_mask);
+        s = _mm512_add_ps(s, v);
+      }
       xsum[m * G + g] = _mm512_reduce_add_ps(s);
     }
+  return non_finite == 0;
 }
 
 void quantize_rows(const QuantArgs& a, int64_t m0, int64_t m1) { quantize_rows_impl(a, m0, m1); }

@@ -94,15 +94,18 @@ using W4A16TileFn = void (*)(const W4A16Args&, int64_t block, int64_t m0, int64_
   }
 
 // Entry points outside the common set.  avx512vnni::w4a16_group_sums fills xsum
-// [M, K / group_size] from fp32 x [M, K] for that unit's (factored) W4A16 tile.  The
-// AVX512-BF16 W4A16 tile (gemm_isa_avx512bf16.cpp) reads xsum and xpairs [K / 2, M]
-// that w4a16_prepare_bf16 fills from bf16 x [M, K]; it returns false when x holds a
-// nonzero |x| < 2^-96, which the tile (VDPBF16PS flushes subnormals) would not compute
-// to fp32 accuracy: the caller then uses the fp32 tile.
+// [M, K / group_size] from fp32 x [M, K] for that unit's (factored) W4A16 tile; it
+// returns false when x holds an inf or NaN: the factored form turns inf * (q - 8 = 0)
+// and inf - inf into NaN where the reference gives +-inf, so the caller then uses a tile
+// that dequantises each weight.  The AVX512-BF16 W4A16 tile (gemm_isa_avx512bf16.cpp)
+// reads xsum and xpairs [K / 2, M] that w4a16_prepare_bf16 fills from bf16 x [M, K]; it
+// returns false for non-finite x and when x holds a nonzero |x| < 2^-96, which the tile
+// (VDPBF16PS flushes subnormals) would not compute to fp32 accuracy: the caller then
+// uses the fp32 tiles.
 namespace q2ext {
 namespace gemm {
 namespace avx512vnni {
-void w4a16_group_sums(const float* x, int64_t M, int64_t K, int64_t group_size, float* xsum);
+bool w4a16_group_sums(const float* x, int64_t M, int64_t K, int64_t group_size, float* xsum);
 }  // namespace avx512vnni
 namespace avx512bf16 {
 void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1);
