@@ -21,7 +21,8 @@ fp32; the AVX-512 tiles factor the group constants out,
 ``y = sum_g (scales[g] * sum_{k in g} x[:, k] * (q[:, k] - 8) + zeros[g] * sum_{k in g} x[:, k])``,
 in fp32 FMAs for fp32 x and, for bfloat16 x on AVX512-BF16 CPUs, with the exact
 products x * (q - 8) accumulated in fp32 by VDPBF16PS (when x holds a nonzero
-|x| < 2^-96, which that instruction could flush, the fp32 tile is used instead).
+|x| < 2^-96, which that instruction could flush, the fp32 tile is used instead).  Calls
+with inf / NaN in x dequantise each weight, so they give the same inf / NaN outputs.
 """
 from __future__ import annotations
 
