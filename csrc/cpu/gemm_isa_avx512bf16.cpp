@@ -1,10 +1,10 @@
-// AVX512-BF16 (+VBMI) W4A16 tile for bfloat16 activations: Zen 4, Cooper Lake, Sapphire
-// Rapids and newer.  Only this translation unit is compiled for this ISA and it includes
-// no torch or std headers (see fake_quant_math.h on why).
+// AVX512-BF16 (+VBMI) W4A16 tile for bfloat16 activations: Zen 4, Sapphire Rapids and
+// newer (Cooper Lake has BF16 but not VBMI, so it keeps the fp32 tile).  Only this
+// translation unit is compiled for this ISA and it includes no torch or std headers (see
+// fake_quant_math.h on why).
 //
-// The group scale and zero are factored out of the inner loop (gemm_kernels.h, W4A16
-// "bf16 tile"), so the inner product only needs the integer codes q - 8, which bf16
-// holds exactly.  VDPBF16PS then does 32 bf16 multiply-adds per instruction: lane j is
+// The group scale and zero are factored out of the inner loop (gemm_kernels.h), so the
+// inner product only needs the integer codes q - 8, which bf16 holds exactly.  VDPBF16PS then does 32 bf16 multiply-adds per instruction: lane j is
 // output column j, its pair holds two consecutive k.  Per 64-byte load (8 k-rows of the
 // 16-column block): one shift exposes the high nibbles, then per two k-pairs one
 // two-source byte permute (VPERMT2B) gathers the nibbles into the bytes of 32 words, and
