@@ -289,6 +289,7 @@ def test_opcheck():
         (ops.w8a8_mm, (a, b, torch.rand(1), torch.rand(7), None, torch.int32, False)),
         (ops.w8a8_linear, (x, wp8, torch.rand(7), None, torch.randn(7), -128, 127, False)),
         (ops.w4a16_mm, (x, wp4, s, z, 32)),
+        (ops.w4a16_mm, (x.bfloat16(), wp4, s, z, 32)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
