@@ -100,25 +100,28 @@ bool w4a16_prepare_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t group_s
   const __m512i inf_bits = _mm512_set1_epi32(0x7F80);
   __mmask16 tiny = 0, non_finite = 0;
   const int64_t G = K / group_size;
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* xm = x + m * K;
+  // The pairs (k, k + 1) of all rows are interleaved so that the tile reads one line per
+  // k-pair (rows K * 2 bytes apart share L1 sets and evict each other).  16 rows at a
+  // time per group, so that their pairs fill the same group_size / 2 lines.
+  for (int64_t m0 = 0; m0 < M; m0 += 16) {
+    const int64_t m1 = m0 + 16 < M ? m0 + 16 : M;
     for (int64_t g = 0; g < G; ++g) {
-      __m512 s = _mm512_setzero_ps();
-      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 16) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k));
-        const __m512i b = _mm512_cvtepu16_epi32(raw);
-        const __m512i mag = _mm512_and_si512(b, mag_mask);
-        tiny |= _mm512_mask_cmplt_epi32_mask(_mm512_test_epi32_mask(mag, mag), mag, min_normal);
-        non_finite |= _mm512_cmpge_epi32_mask(mag, inf_bits);
-        s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)));
-        // The pairs (k, k + 1) of all rows are interleaved so that the tile reads one
-        // contiguous line per k-pair: rows K * 2 bytes apart share L1 sets and evict
-        // each other.
-        alignas(32) int32_t pairs[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), raw);
-        for (int i = 0; i < 8; ++i) xpairs[(k / 2 + i) * M + m] = pairs[i];
+      for (int64_t m = m0; m < m1; ++m) {
+        const uint16_t* xm = x + m * K;
+        __m512 s = _mm512_setzero_ps();
+        for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 16) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + k));
+          const __m512i b = _mm512_cvtepu16_epi32(raw);
+          const __m512i mag = _mm512_and_si512(b, mag_mask);
+          tiny |= _mm512_mask_cmplt_epi32_mask(_mm512_test_epi32_mask(mag, mag), mag, min_normal);
+          non_finite |= _mm512_cmpge_epi32_mask(mag, inf_bits);
+          s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)));
+          alignas(32) int32_t pairs[8];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), raw);
+          for (int i = 0; i < 8; ++i) xpairs[(k / 2 + i) * M + m] = pairs[i];
+        }
+        xsum[m * G + g] = _mm512_reduce_add_ps(s);
       }
-      xsum[m * G + g] = _mm512_reduce_add_ps(s);
     }
   }
   return (tiny | non_finite) == 0;
