@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
 
 #include "q2ext/cpu_isa.h"
@@ -39,7 +40,7 @@ struct Kernels {
   W4A16TileFn w4a16_bf16;  // bf16-x tile with factored group constants, or nullptr
   // xsum of the w4a16 tile, or nullptr when it does not factor the group constants;
   // false: x is not finite, use w4a16_plain (dequantises each weight)
-  bool (*w4a16_sums)(const float*, int64_t, int64_t, int64_t, float*);
+  bool (*w4a16_sums)(const float*, int64_t, int64_t, int64_t, int64_t, float*);
   W4A16TileFn w4a16_plain;
 };
 
@@ -290,6 +291,19 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed,
   return out;
 }
 
+// Runs scan(m0, m1) over rows [0, M) in 16-row pieces split between threads (each
+// row's results are the same whichever thread scans it); true when every call was.
+template <typename Scan>
+bool scan_rows(int64_t M, int64_t K, Scan&& scan) {
+  std::atomic<bool> ok{true};
+  const int64_t pieces = ceil_div(M, 16);
+  at::parallel_for(0, pieces, std::max<int64_t>(1, 65536 / (16 * std::max<int64_t>(K, 1))),
+                   [&](int64_t p0, int64_t p1) {
+                     if (!scan(p0 * 16, std::min(M, p1 * 16))) ok = false;
+                   });
+  return ok;
+}
+
 at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& scales,
                         const at::Tensor& zeros, int64_t group_size) {
   check_x(x, "w4a16_mm");
@@ -329,9 +343,12 @@ at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const a
     a.xsum = xsum.data_ptr<float>();
     a.xpairs = xpairs.data_ptr<int32_t>();
 #if defined(__x86_64__) || defined(__i386__)
-    if (avx512bf16::w4a16_prepare_bf16(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K,
-                                       group_size, xsum.data_ptr<float>(),
-                                       xpairs.data_ptr<int32_t>()))
+    const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+    float* xs = xsum.data_ptr<float>();
+    int32_t* xp = xpairs.data_ptr<int32_t>();
+    if (scan_rows(M, K, [&](int64_t m0, int64_t m1) {
+          return avx512bf16::w4a16_prepare_bf16(xb, M, K, group_size, m0, m1, xs, xp);
+        }))
       tile = ks.w4a16_bf16;
 #endif
   }
@@ -341,20 +358,26 @@ at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const a
     if (ks.w4a16_sums) {
       xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
       a.xsum = xsum.data_ptr<float>();
-      if (!ks.w4a16_sums(xc.data_ptr<float>(), M, K, group_size, xsum.data_ptr<float>()))
+      const float* xf = xc.data_ptr<float>();
+      float* xs = xsum.data_ptr<float>();
+      if (!scan_rows(M, K, [&](int64_t m0, int64_t m1) {
+            return ks.w4a16_sums(xf, K, group_size, m0, m1, xs);
+          }))
         tile = ks.w4a16_plain;
     }
     xpairs = xc.view({M, K / 2, 2}).permute({1, 0, 2}).contiguous();  // w4_x_index
     a.x = xpairs.data_ptr<float>();
   }
-  // Work items are (16-column block, row chunk): at M = 1 the N / 16 blocks keep every
-  // thread busy, and each output belongs to exactly one item.
+  // Work items are (row chunk, 16-column block): at M = 1 the N / 16 blocks keep every
+  // thread busy, and each output belongs to exactly one item.  Blocks vary fastest: a
+  // thread's row chunk of x (64 rows) then stays in L2 while the weights stream past it;
+  // the other way round all of x was read again for every block.
   constexpr int64_t kRows = 64;
   const int64_t blocks = ceil_div(N, kNB4), chunks = ceil_div(M, kRows);
   at::parallel_for(0, blocks * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t m0 = (i % chunks) * kRows;
-      tile(a, i / chunks, m0, std::min(M, m0 + kRows));
+      const int64_t m0 = (i / blocks) * kRows;
+      tile(a, i % blocks, m0, std::min(M, m0 + kRows));
     }
   });
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());

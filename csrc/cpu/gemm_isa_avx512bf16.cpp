@@ -90,7 +90,7 @@ void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1) {
 }
 
 bool w4a16_prepare_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,
-                        float* xsum, int32_t* xpairs) {
+                        int64_t row0, int64_t row1, float* xsum, int32_t* xpairs) {
   // VDPBF16PS treats subnormal inputs as zero and flushes subnormal results.  With every
   // nonzero |x| >= 2^-96 neither can happen (partial sums of x * (q - 8) are multiples of
   // 2^-103, far above FLT_MIN), so only then is the tile exact up to fp32 rounding.
@@ -103,8 +103,8 @@ bool w4a16_prepare_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t group_s
   // The pairs (k, k + 1) of all rows are interleaved so that the tile reads one line per
   // k-pair (rows K * 2 bytes apart share L1 sets and evict each other).  16 rows at a
   // time per group, so that their pairs fill the same group_size / 2 lines.
-  for (int64_t m0 = 0; m0 < M; m0 += 16) {
-    const int64_t m1 = m0 + 16 < M ? m0 + 16 : M;
+  for (int64_t m0 = row0; m0 < row1; m0 += 16) {
+    const int64_t m1 = m0 + 16 < row1 ? m0 + 16 : row1;
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t m = m0; m < m1; ++m) {
         const uint16_t* xm = x + m * K;

@@ -181,11 +181,12 @@ void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1) {
   w4_row_tiles<16>(m0, m1, [&](auto t, int64_t m) { w4_micro<decltype(t)::kRows>(a, wb, m, n0, mk); });
 }
 
-bool w4a16_group_sums(const float* x, int64_t M, int64_t K, int64_t group_size, float* xsum) {
+bool w4a16_group_sums(const float* x, int64_t K, int64_t group_size, int64_t row0,
+                      int64_t row1, float* xsum) {
   const int64_t G = K / group_size;
   const __m512i exp_mask = _mm512_set1_epi32(0x7F800000);
   __mmask16 non_finite = 0;
-  for (int64_t m = 0; m < M; ++m)
+  for (int64_t m = row0; m < row1; ++m)
     for (int64_t g = 0; g < G; ++g) {
       const float* xg = x + m * K + g * group_size;
       __m512 s = _mm512_setzero_ps();

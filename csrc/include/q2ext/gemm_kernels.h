@@ -93,7 +93,8 @@ using W4A16TileFn = void (*)(const W4A16Args&, int64_t block, int64_t m0, int64_
   }                                                                                     \
   }
 
-// Entry points outside the common set.  avx512vnni::w4a16_group_sums fills xsum
+// Entry points outside the common set; both scan rows [row0, row1) of x, so that the
+// caller can split the rows between threads.  avx512vnni::w4a16_group_sums fills xsum
 // [M, K / group_size] from fp32 x [M, K] for that unit's (factored) W4A16 tile; it
 // returns false when x holds an inf or NaN: the factored form turns inf * (q - 8 = 0)
 // and inf - inf into NaN where the reference gives +-inf, so the caller then uses a tile
@@ -105,12 +106,13 @@ using W4A16TileFn = void (*)(const W4A16Args&, int64_t block, int64_t m0, int64_
 namespace q2ext {
 namespace gemm {
 namespace avx512vnni {
-bool w4a16_group_sums(const float* x, int64_t M, int64_t K, int64_t group_size, float* xsum);
+bool w4a16_group_sums(const float* x, int64_t K, int64_t group_size, int64_t row0,
+                      int64_t row1, float* xsum);
 }  // namespace avx512vnni
 namespace avx512bf16 {
 void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1);
 bool w4a16_prepare_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,
-                        float* xsum, int32_t* xpairs);
+                        int64_t row0, int64_t row1, float* xsum, int32_t* xpairs);
 }  // namespace avx512bf16
 }  // namespace gemm
 }  // namespace q2ext
