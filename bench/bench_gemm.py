@@ -1,4 +1,4 @@
-"""Int8/int4 GEMM benchmark (issue #6): python bench/bench_gemm.py [--quick] [--device cuda]
+"""Int8/int4 GEMM benchmark (issue #6): python bench/bench_gemm.py [--quick] [--only w4a16] [--device cuda]
 
 The implementation lives in q2ext/benchmarks/gemm.py; results go to bench/RESULTS.md.
 """
@@ -11,5 +11,6 @@ if __name__ == "__main__":
     p.add_argument("--quick", action="store_true")
     p.add_argument("--min-run-time", type=float, default=0.5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--only", choices=("w8a8", "w4a16"), help="run just the W8A8 or the W4A16 table (CPU)")
     a = p.parse_args()
-    gemm.run(quick=a.quick, min_run_time=a.min_run_time, device=a.device)
+    gemm.run(quick=a.quick, min_run_time=a.min_run_time, device=a.device, only=a.only)

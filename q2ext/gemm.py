@@ -2,10 +2,10 @@
 
 Inference only (no autograd): QAT trains through fake quant, and :mod:`q2ext.nn`'s
 Int8Linear / Int8Conv2d / Int4Linear call these with the learned scales.  Numerics are
-defined in :mod:`q2ext.gemm_reference`; the CPU kernels pick AVX512-VNNI, AVX2 or scalar
-tiles at run time (``q2ext.set_cpu_isa`` forces one).  ``w8a8_mm`` and ``w4a16_mm`` also
-have Triton kernels (q2ext/triton/gemm.py), chosen by :mod:`q2ext.backend`.  No function
-here synchronises with the host.
+defined in :mod:`q2ext.gemm_reference`; the CPU kernels pick AVX512-VNNI (+BF16), AVX2
+or scalar tiles at run time (``q2ext.set_cpu_isa`` forces one).  ``w8a8_mm`` and
+``w4a16_mm`` also have Triton kernels (q2ext/triton/gemm.py), chosen by
+:mod:`q2ext.backend`.  No function here synchronises with the host.
 """
 from __future__ import annotations
 
@@ -129,7 +129,9 @@ def w4a16_mm(x, w_packed, scales, zeros, group_size=128):
         w_packed: uint8 [ceil(N/16), K, 8] from :func:`pack_int4`.
         scales, zeros: float32 [K / group_size, N].
         group_size: 32, 64 or 128.
-    Returns: [M, N] in x's dtype (fp32 accumulation).
+    Returns: [M, N] in x's dtype (fp32 accumulation; the AVX-512 kernels factor the
+    group scale out of the k loop, bfloat16 x uses AVX512-BF16 where the CPU has it:
+    the same result to <= 1e-3 relative error, see :mod:`q2ext.gemm_reference`).
     """
     _tensor(x, "x", "w4a16_mm")
     return _op("w4a16_mm", x.device.type)(x, w_packed, scales, zeros, group_size)

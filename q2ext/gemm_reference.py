@@ -14,7 +14,15 @@ W8A8 (``w8a8_mm``, ``w8a8_linear``): ``acc[m, n] = sum_k a[m, k] * b[n, k]`` in 
 ``y = ((acc * a_scale[m]) * b_scale[n]) + bias[n]``, optional ReLU, cast to out_dtype.
 
 W4A16 (``w4a16_mm``): ``w[n, k] = (q[n, k] - 8) * scales[k // g, n] + zeros[k // g, n]``
-(tinygemm's convention), ``y = x @ w.T`` in fp32, cast to x's dtype.
+(tinygemm's convention), ``y = x @ w.T`` in fp32, cast to x's dtype.  The kernels agree
+with this to fp32 accumulation accuracy (<= 1e-3 relative, norm-wise, before the cast),
+not bit for bit: the AVX2 and scalar tiles dequantise each weight and multiply-add in
+fp32; the AVX-512 tiles factor the group constants out,
+``y = sum_g (scales[g] * sum_{k in g} x[:, k] * (q[:, k] - 8) + zeros[g] * sum_{k in g} x[:, k])``,
+in fp32 FMAs for fp32 x and, for bfloat16 x on AVX512-BF16 CPUs, with the exact
+products x * (q - 8) accumulated in fp32 by VDPBF16PS (when x holds a nonzero
+|x| < 2^-96, which that instruction could flush, the fp32 tile is used instead).  Calls
+with inf / NaN in x dequantise each weight, so they give the same inf / NaN outputs.
 """
 from __future__ import annotations
 

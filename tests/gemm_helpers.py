@@ -28,5 +28,6 @@ def opcheck_cases(device):
         (ops.w8a8_mm, (au, b, torch.rand(20), torch.rand(7), None, None, False)),
         (ops.w8a8_linear, (x, wp8, torch.rand(7), None, torch.randn(7), -128, 127, False)),
         (ops.w4a16_mm, (x, wp4, s, z, 32)),
+        (ops.w4a16_mm, (x.bfloat16(), wp4, s, z, 32)),
     ]
     return [(op, tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in args)) for op, args in cases]

@@ -89,7 +89,8 @@ def test_w8a8_linear_matches_reference(isa, m, n, k, dtype, qrange):
 
 
 def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+    # float64: norms of tiny (subnormal-range) outputs must not underflow
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 @pytest.mark.parametrize("m", [1, 16, 59])
@@ -112,6 +113,108 @@ def test_w4a16_mm(isa, m, n, group):
     assert got_b.dtype == torch.bfloat16
     # bf16 output: at most 2x the error of rounding the exact result to bf16
     assert _rel(got_b, want_b) <= 2 * _rel(want_b.bfloat16(), want_b) + 1e-6
+
+
+def _w4_case(m, n, k, group, seed, x_mean=0.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    wp = gemm.pack_int4(q)
+    scales = torch.rand(k // group, n, generator=g) * 0.02 + 1e-3
+    zeros = torch.randn(k // group, n, generator=g) * 0.01
+    x = (torch.randn(m, k, generator=g) + x_mean).bfloat16()
+    w = gemm.dequantize_int4(wp, scales, zeros, group).double()
+    return x, wp, scales, zeros, x.double() @ w.T  # exact up to float64 rounding
+
+
+def _check_bf16_out(got, want):
+    """bf16 x: the kernel's fp32 result must be within 1e-3 (relative) of the exact one
+    before the final rounding to bf16.  Rounding hides that, so compare with the
+    correctly rounded result: an fp32 result off by e (relative) lands on another bf16
+    value for a fraction ~e / 2^-9 of the outputs, each then off by one bf16 step
+    (2^-8 relative), so the norm of the difference is ~sqrt(e / 2^-9) * 2^-8: 5e-4 for
+    e = 1e-3 (an fp32 accumulation gives ~1e-5)."""
+    assert got.dtype == torch.bfloat16
+    exact = want.float().bfloat16()
+    assert _rel(got, exact) <= 5e-4, _rel(got, exact)
+
+
+def _check_f32_out(got, want):
+    # The contract is 1e-3; fp32 accumulation over K <= 4096 stays near 1e-6, so a
+    # tighter bound catches lost precision long before it matters.
+    assert got.dtype == torch.float32
+    assert _rel(got, want) <= 1e-4, _rel(got, want)
+
+
+@pytest.mark.parametrize("m", [1, 2, 16, 17])
+@pytest.mark.parametrize("n,k", [(33, None), (1, 4096), (129, 4096)])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_w4a16_mm_shapes(isa, m, n, k, group):
+    """bf16 x (the AVX512-BF16 tile on CPUs that have it) and fp32 x (the same values);
+    k=None: 2 groups."""
+    k = k or 2 * group
+    x, wp, s, z, want = _w4_case(m, n, k, group, m * 1000 + n + k + group)
+    _check_bf16_out(ops.w4a16_mm(x, wp, s, z, group), want)
+    _check_f32_out(ops.w4a16_mm(x.float(), wp, s, z, group), want)
+
+
+@pytest.mark.parametrize("x_mean", [30.0, -1000.0])
+def test_w4a16_mm_large_mean(isa, x_mean):
+    """|mean x| >> std x: the per-group x sums (zeros term) are large, the code term is
+    not; nothing may cancel catastrophically.  Zero zeros make the true result depend
+    only on the code term."""
+    x, wp, s, _, _ = _w4_case(17, 70, 512, 128, 5, x_mean)
+    for z in (torch.randn(s.shape) * 0.05, torch.zeros(s.shape)):
+        want = x.double() @ gemm.dequantize_int4(wp, s, z, 128).double().T
+        _check_bf16_out(ops.w4a16_mm(x, wp, s, z, 128), want)
+        _check_f32_out(ops.w4a16_mm(x.float(), wp, s, z, 128), want)
+
+
+def test_w4a16_mm_bf16_tiny_x(isa):
+    """Subnormal and near-subnormal bf16 x: VDPBF16PS would flush them, so the kernel
+    must fall back to the fp32 tile and still be accurate."""
+    x, wp, s, z, _ = _w4_case(3, 40, 256, 64, 9)
+    for scale in (2.0 ** -130, 2.0 ** -110):
+        xt = (x.double() * scale).bfloat16()
+        assert xt.abs().max() > 0
+        want = xt.double() @ gemm.dequantize_int4(wp, s, z, 64).double().T
+        _check_bf16_out(ops.w4a16_mm(xt, wp, s, z, 64), want)
+    xm = x.clone()
+    xm[1, 7] = 1e-39  # one subnormal among normal values
+    want = xm.double() @ gemm.dequantize_int4(wp, s, z, 64).double().T
+    _check_bf16_out(ops.w4a16_mm(xm, wp, s, z, 64), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a16_mm_non_finite_x(isa, dtype):
+    """inf / NaN in x give the reference's inf / NaN outputs (the factored tiles would
+    turn inf * (q - 8 = 0) into NaN, so the kernel dequantises each weight then)."""
+    x, wp, s, z, _ = _w4_case(4, 33, 64, 32, 13)
+    x[0, 3], x[1, 5], x[2, 9] = float("inf"), float("nan"), -float("inf")
+    x = x.to(dtype)
+    got, want = ops.w4a16_mm(x, wp, s, z, 32), ref.w4a16_mm(x, wp, s, z, 32)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert torch.equal(got[got.isinf()], want[want.isinf()])  # same signs
+    assert _rel(got[3], want[3]) <= 1e-2  # the finite row (bf16 output rounding)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a16_mm_empty(isa, dtype):
+    wp = gemm.pack_int4(torch.zeros(5, 0, dtype=torch.int64))
+    y = ops.w4a16_mm(torch.randn(3, 0).to(dtype), wp, torch.ones(0, 5), torch.zeros(0, 5), 32)
+    assert y.dtype == dtype and torch.equal(y, torch.zeros(3, 5, dtype=dtype))  # K = 0: y = 0
+    wp = gemm.pack_int4(torch.zeros(5, 64, dtype=torch.int64))
+    y = ops.w4a16_mm(torch.randn(0, 64).to(dtype), wp, torch.ones(2, 5), torch.zeros(2, 5), 32)
+    assert y.shape == (0, 5) and y.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a16_mm_thread_invariant(isa, dtype):
+    x, wp, s, z, _ = _w4_case(17, 129, 1024, 64, 11)
+    x = x.to(dtype)
+    torch.set_num_threads(1)
+    one = ops.w4a16_mm(x, wp, s, z, 64)
+    torch.set_num_threads(2)
+    assert torch.equal(ops.w4a16_mm(x, wp, s, z, 64), one)
 
 
 def _w8_args():

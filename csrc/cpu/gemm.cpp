@@ -5,13 +5,16 @@
 // This file checks arguments, packs/widens operands and splits the work; the tiles run
 // in the ISA translation units (gemm_isa_{avx512vnni,avx2,scalar}.cpp) picked per call
 // from q2ext's CPU path (set_cpu_isa / Q2EXT_CPU_ISA): 'avx512' uses the VNNI tiles when
-// the CPU has AVX512-VNNI and the AVX2 tiles otherwise.  Work items (panel x row chunk)
+// the CPU has AVX512-VNNI and the AVX2 tiles otherwise; bf16 W4A16 inputs additionally
+// take the AVX512-BF16 tile (gemm_isa_avx512bf16.cpp) where the CPU has it (its
+// numerics: q2ext/gemm_reference.py).  Work items (panel x row chunk)
 // are fixed by the shapes, and every output is computed by exactly one item, so results
 // do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
 
 #include "q2ext/cpu_isa.h"
@@ -35,6 +38,11 @@ struct Kernels {
   W8A8TileFn w8a8;
   W4A16TileFn w4a16;
   void (*quant)(const QuantArgs&, int64_t, int64_t);
+  W4A16TileFn w4a16_bf16;  // bf16-x tile with factored group constants, or nullptr
+  // xsum of the w4a16 tile, or nullptr when it does not factor the group constants;
+  // false: x is not finite, use w4a16_plain (dequantises each weight)
+  bool (*w4a16_sums)(const float*, int64_t, int64_t, int64_t, int64_t, float*);
+  W4A16TileFn w4a16_plain;
 };
 
 Kernels kernels() {
@@ -43,12 +51,21 @@ Kernels kernels() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512vnni") != 0;
   }();
+  static const bool bf16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
+  }();
   const CpuIsa isa = active_cpu_isa();
   if (isa == CpuIsa::kAvx512 && vnni)
-    return {avx512vnni::w8a8_tile, avx512vnni::w4a16_tile, avx512vnni::quantize_rows};
-  if (isa != CpuIsa::kScalar) return {avx2::w8a8_tile, avx2::w4a16_tile, avx2::quantize_rows};
+    return {avx512vnni::w8a8_tile, avx512vnni::w4a16_tile, avx512vnni::quantize_rows,
+            bf16 ? avx512bf16::w4a16_tile : nullptr, avx512vnni::w4a16_group_sums,
+            avx2::w4a16_tile};
+  if (isa != CpuIsa::kScalar)
+    return {avx2::w8a8_tile, avx2::w4a16_tile, avx2::quantize_rows, nullptr, nullptr,
+            avx2::w4a16_tile};
 #endif
-  return {scalar::w8a8_tile, scalar::w4a16_tile, scalar::quantize_rows};
+  return {scalar::w8a8_tile, scalar::w4a16_tile, scalar::quantize_rows, nullptr, nullptr,
+          scalar::w4a16_tile};
 }
 
 constexpr int64_t kRowChunk = 48;  // rows per work item: a multiple of every tile height
@@ -218,26 +235,77 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed,
   return out;
 }
 
+// Runs scan(m0, m1) over rows [0, M) in 16-row pieces split between threads (each
+// row's results are the same whichever thread scans it); true when every call was.
+template <typename Scan>
+bool scan_rows(int64_t M, int64_t K, Scan&& scan) {
+  std::atomic<bool> ok{true};
+  const int64_t pieces = ceil_div64(M, 16);
+  at::parallel_for(0, pieces, std::max<int64_t>(1, 65536 / (16 * std::max<int64_t>(K, 1))),
+                   [&](int64_t p0, int64_t p1) {
+                     if (!scan(p0 * 16, std::min(M, p1 * 16))) ok = false;
+                   });
+  return ok;
+}
+
 at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& scales,
                         const at::Tensor& zeros, int64_t group_size) {
   const int64_t N = check_w4a16_mm(x, w_packed, scales, zeros, group_size);
   const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor xf = x.to(at::kFloat).contiguous();
+  const int64_t G = K / group_size;
   at::Tensor sc = scales.contiguous(), zc = zeros.contiguous();
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M > 0 && N > 0) {
-    W4A16Args a{xf.data_ptr<float>(), M, K, N, w_packed.data_ptr<uint8_t>(),
-                sc.data_ptr<float>(), zc.data_ptr<float>(), group_size, out.data_ptr<float>()};
-    const W4A16TileFn tile = kernels().w4a16;
-    constexpr int64_t kRows = 64;
-    const int64_t blocks = ceil_div64(N, kNB4), chunks = ceil_div64(M, kRows);
-    at::parallel_for(0, blocks * chunks, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t m0 = (i % chunks) * kRows;
-        tile(a, i / chunks, m0, std::min(M, m0 + kRows));
-      }
-    });
+  // K = 0: y = 0 (the factored tiles write outputs per group, and there is none).
+  if (M == 0 || N == 0 || K == 0) return out.zero_().to(x.scalar_type());
+  W4A16Args a{nullptr, M, K, N, w_packed.data_ptr<uint8_t>(), sc.data_ptr<float>(),
+              zc.data_ptr<float>(), group_size, out.data_ptr<float>(), nullptr, nullptr};
+  const Kernels ks = kernels();
+  W4A16TileFn tile = nullptr;
+  at::Tensor xc, xsum, xpairs;
+  if (ks.w4a16_bf16 && x.scalar_type() == at::kBFloat16) {
+    xc = x.contiguous();
+    xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
+    xpairs = at::empty({K / 2, M}, x.options().dtype(at::kInt));
+    a.xsum = xsum.data_ptr<float>();
+    a.xpairs = xpairs.data_ptr<int32_t>();
+#if defined(__x86_64__) || defined(__i386__)
+    const uint16_t* xb = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+    float* xs = xsum.data_ptr<float>();
+    int32_t* xp = xpairs.data_ptr<int32_t>();
+    if (scan_rows(M, K, [&](int64_t m0, int64_t m1) {
+          return avx512bf16::w4a16_prepare_bf16(xb, M, K, group_size, m0, m1, xs, xp);
+        }))
+      tile = ks.w4a16_bf16;
+#endif
   }
+  if (!tile) {
+    xc = x.to(at::kFloat).contiguous();
+    tile = ks.w4a16;
+    if (ks.w4a16_sums) {
+      xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
+      a.xsum = xsum.data_ptr<float>();
+      const float* xf = xc.data_ptr<float>();
+      float* xs = xsum.data_ptr<float>();
+      if (!scan_rows(M, K, [&](int64_t m0, int64_t m1) {
+            return ks.w4a16_sums(xf, K, group_size, m0, m1, xs);
+          }))
+        tile = ks.w4a16_plain;
+    }
+    xpairs = xc.view({M, K / 2, 2}).permute({1, 0, 2}).contiguous();  // w4_x_index
+    a.x = xpairs.data_ptr<float>();
+  }
+  // Work items are (row chunk, 16-column block): at M = 1 the N / 16 blocks keep every
+  // thread busy, and each output belongs to exactly one item.  Blocks vary fastest: a
+  // thread's row chunk of x (64 rows) then stays in L2 while the weights stream past it;
+  // the other way round all of x was read again for every block.
+  constexpr int64_t kRows = 64;
+  const int64_t blocks = ceil_div64(N, kNB4), chunks = ceil_div64(M, kRows);
+  at::parallel_for(0, blocks * chunks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m0 = (i / blocks) * kRows;
+      tile(a, i % blocks, m0, std::min(M, m0 + kRows));
+    }
+  });
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 

@@ -96,7 +96,7 @@ void w4_micro(const W4A16Args& a, const uint8_t* wb, int64_t m, int64_t n0, int6
       const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s1, z1);
 #pragma GCC unroll 4
       for (int r = 0; r < MR; ++r) {
-        const __m256 xv = _mm256_set1_ps(a.x[(m + r) * a.K + k]);
+        const __m256 xv = _mm256_set1_ps(a.x[w4_x_index(a.M, m + r, k)]);
         acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
         acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
       }

@@ -6,13 +6,14 @@
 // 64-byte loads of the packed B panel, six 4-byte broadcasts of A, 24 VPDPBUSD.  The
 // B panel (K x 64 bytes) streams from L2 once per 6 rows; A rows stay in L1.  The int32
 // accumulators never leave registers before the fused epilogue.
-// W4A16 micro-kernel: up to 16 rows x 16 columns; each 16-byte load holds two k-rows of
-// 16 nibbles, dequantised in registers (mask, shift, widen, convert, one FMA with the
-// group's scale and shifted zero) and used by every row of the tile.
+// W4A16 micro-kernel (fp32 x): up to 16 rows x 16 columns; the group scale and zero are
+// applied once per group (see w4_micro), so per k-row the loop only turns 16 nibbles into
+// q - 8 (widen, shift, one table permute) and FMAs them with every row's x.
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,bmi2")
 #include <immintrin.h>
 
+#include "q2ext/gemm_avx512.h"
 #include "q2ext/gemm_loops.h"
 
 namespace q2ext {
@@ -24,10 +25,6 @@ inline int32_t load_i32(const uint8_t* p) {
   int32_t v;
   __builtin_memcpy(&v, p, 4);
   return v;
-}
-
-inline __mmask16 lanes(int64_t rem) {
-  return rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
 }
 
 template <bool kSigned>
@@ -133,38 +130,37 @@ void w8a8_rows(const W8A8Args& a, const uint8_t* bp, int64_t n0, int64_t m0, int
   }
 }
 
+// float(i - 8) at index i.  VPERMPS reads only the low 4 bits of each index, so a lane
+// holding a whole packed byte selects its low nibble's code without masking.
+alignas(64) constexpr float kCodes[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
+
+// q - 8 of the 16 columns of k-row `row` (8 packed bytes) in column order: the bytes are
+// widened twice (lanes j and j + 8 both hold byte j), the upper copy shifted right by 4.
+inline __m512 w4_codes(const uint8_t* row, __m512i shifts, __m512 codes) {
+  int64_t v;
+  __builtin_memcpy(&v, row, 8);
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_set1_epi64x(v));
+  return _mm512_permutexvar_ps(_mm512_srlv_epi32(d, shifts), codes);
+}
+
+// MR rows x 16 columns with the group constants factored out: the k loop only turns
+// nibbles into q - 8 and FMAs them with x.
 template <int MR>
 void w4_micro(const W4A16Args& a, const uint8_t* wb, int64_t m, int64_t n0, __mmask16 mk) {
-  __m512 acc[MR];
+  constexpr int NA = w4_chains(MR);
+  const __m512 codes = _mm512_load_ps(kCodes);
+  const __m512i shifts = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+  const int64_t M = a.M;
+  w4_factored_rows<MR, 4>(a, m, n0, mk, [&](int64_t k, __m512* acc) {
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+      const __m512 w = w4_codes(wb + (k + p) * 8, shifts, codes);
+      const float* xk = a.x + w4_x_index(M, m, k + p);
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
-  const float* xr[MR];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) xr[r] = a.x + (m + r) * a.K;
-  const __m128i nib = _mm_set1_epi8(0x0F);
-  const int64_t groups = a.K / a.group_size;
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m512 s = _mm512_maskz_loadu_ps(mk, a.scales + g * a.N + n0);
-    const __m512 z = _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, a.zeros + g * a.N + n0),
-                                   _mm512_mul_ps(_mm512_set1_ps(8.0f), s));
-    const int64_t k1 = (g + 1) * a.group_size;
-    for (int64_t k = g * a.group_size; k < k1; k += 2) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + k * 8));
-      const __m128i lo = _mm_and_si128(v, nib);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
-      const __m512 w0 = _mm512_fmadd_ps(
-          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(lo, hi))), s, z);
-      const __m512 w1 = _mm512_fmadd_ps(
-          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi64(lo, hi))), s, z);
-#pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) {
-        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r][k]), w0, acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r][k + 1]), w1, acc[r]);
-      }
+      for (int r = 0; r < MR; ++r)
+        acc[r * NA + p % NA] = _mm512_fmadd_ps(_mm512_set1_ps(xk[2 * r]), w, acc[r * NA + p % NA]);
     }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(a.out + (m + r) * a.N + n0, mk, acc[r]);
+  });
 }
 
 }  // namespace
@@ -182,12 +178,27 @@ void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1) {
   const uint8_t* wb = a.w + block * a.K * 8;
   const int64_t n0 = block * kNB4;
   const __mmask16 mk = lanes(a.N - n0);
-  int64_t m = m0;
-  for (; m + 16 <= m1; m += 16) w4_micro<16>(a, wb, m, n0, mk);
-  if (m1 - m >= 8) { w4_micro<8>(a, wb, m, n0, mk); m += 8; }
-  if (m1 - m >= 4) { w4_micro<4>(a, wb, m, n0, mk); m += 4; }
-  if (m1 - m >= 2) { w4_micro<2>(a, wb, m, n0, mk); m += 2; }
-  if (m1 - m >= 1) w4_micro<1>(a, wb, m, n0, mk);
+  w4_row_tiles<16>(m0, m1, [&](auto t, int64_t m) { w4_micro<decltype(t)::kRows>(a, wb, m, n0, mk); });
+}
+
+bool w4a16_group_sums(const float* x, int64_t K, int64_t group_size, int64_t row0,
+                      int64_t row1, float* xsum) {
+  const int64_t G = K / group_size;
+  const __m512i exp_mask = _mm512_set1_epi32(0x7F800000);
+  __mmask16 non_finite = 0;
+  for (int64_t m = row0; m < row1; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = x + m * K + g * group_size;
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t k = 0; k < group_size; k += 16) {
+        const __m512 v = _mm512_loadu_ps(xg + k);
+        const __m512i e = _mm512_and_si512(_mm512_castps_si512(v), exp_mask);
+        non_finite |= _mm512_cmpeq_epi32_mask(e, exp_mask);
+        s = _mm512_add_ps(s, v);
+      }
+      xsum[m * G + g] = _mm512_reduce_add_ps(s);
+    }
+  return non_finite == 0;
 }
 
 void quantize_rows(const QuantArgs& a, int64_t m0, int64_t m1) { quantize_rows_impl(a, m0, m1); }

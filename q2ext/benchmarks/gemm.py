@@ -191,30 +191,39 @@ def run_cuda(quick: bool = False, min_run_time: float = 0.5):
     return "\n\n".join(out), []
 
 
-def run(quick: bool = False, min_run_time: float = 0.5, device: str = "cpu"):
-    """Run the benchmark; returns (text with the tables, summary records)."""
+def run(quick: bool = False, min_run_time: float = 0.5, device: str = "cpu", only: str | None = None):
+    """Run the benchmark; returns (text with the tables, summary records).
+
+    only: "w8a8" or "w4a16" runs just that CPU table (and its summary lines)."""
     if device == "cuda":
         return run_cuda(quick, min_run_time)
+    if only not in (None, "w8a8", "w4a16"):
+        raise ValueError(f"only must be None, 'w8a8' or 'w4a16', got {only!r}")
     head = ["shape MxNxK", "path", "ms", "GFLOP/s or GOP/s", "vs first row"]
     out = [machine_info()]
     print(out[0], flush=True)
-    r8, s8 = bench_w8a8(W8_QUICK if quick else W8_SHAPES, min_run_time)
-    out.append(print_table(r8, head))
-    r4, s4 = bench_w4a16(W4_QUICK if quick else W4_SHAPES, min_run_time)
-    out.append(print_table(r4, head))
-    m, n, k = 1024, 1024, 1024
-    e2e = s8[(m, n, k, "q2ext w8a8_linear end to end (fp32 in/out)")]
-    lines = [
-        f"W8A8 1024^3 end to end: {e2e / s8[(m, n, k, 'fp32 F.linear')]:.2f}x fp32 F.linear (target >= 6x), "
-        f"{e2e / s8[(m, n, k, 'torch._int_mm composite (quant+mm+dequant)')]:.2f}x the _int_mm composite (target >= 1.2x)"]
+    s8, s4, lines, records = {}, {}, [], []
+    if only in (None, "w8a8"):
+        r8, s8 = bench_w8a8(W8_QUICK if quick else W8_SHAPES, min_run_time)
+        out.append(print_table(r8, head))
+    if only in (None, "w4a16"):
+        r4, s4 = bench_w4a16(W4_QUICK if quick else W4_SHAPES, min_run_time)
+        out.append(print_table(r4, head))
+    if s8:
+        m, n, k = 1024, 1024, 1024
+        e2e_name = "q2ext w8a8_linear end to end (fp32 in/out)"
+        e2e = s8[(m, n, k, e2e_name)]
+        lines.append(
+            f"W8A8 1024^3 end to end: {e2e / s8[(m, n, k, 'fp32 F.linear')]:.2f}x fp32 F.linear (target >= 6x), "
+            f"{e2e / s8[(m, n, k, 'torch._int_mm composite (quant+mm+dequant)')]:.2f}x the _int_mm composite "
+            "(target >= 1.2x)")
+        records += _records(s8, [(e2e_name, "fp32 F.linear"), (e2e_name, "torch._int_mm composite (quant+mm+dequant)")])
     for mm in sorted({s[0] for s in s4}):
         for dt in ("bf16", "fp32"):
             ours = s4[(mm, 4096, 4096, f"q2ext w4a16_mm ({dt} x)")]
             theirs = s4[(mm, 4096, 4096, f"torch int4pack_mm_for_cpu ({dt} x)")]
             lines.append(f"W4A16 M={mm} {dt}: {ours / theirs:.2f}x torch int4pack (target >= 1.2x)")
-    print("\n".join(lines), flush=True)
-    e2e_name = "q2ext w8a8_linear end to end (fp32 in/out)"
-    records = _records(s8, [(e2e_name, "fp32 F.linear"), (e2e_name, "torch._int_mm composite (quant+mm+dequant)")])
     records += _records(s4, [(f"q2ext w4a16_mm ({dt} x)", f"torch int4pack_mm_for_cpu ({dt} x)")
                              for dt in ("bf16", "fp32")])
+    print("\n".join(lines), flush=True)
     return "\n\n".join(out + ["\n".join(lines)]), records

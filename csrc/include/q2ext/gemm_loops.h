@@ -130,7 +130,6 @@ static inline void w4a16_tile_scalar_impl(const W4A16Args& a, int64_t block, int
   float s[kNB4], z[kNB4], w[kNB4];
   for (int64_t m = m0; m < m1; ++m) {
     for (int64_t j = 0; j < kNB4; ++j) acc[j] = 0.0f;
-    const float* xr = a.x + m * a.K;
     for (int64_t k = 0; k < a.K; ++k) {
       if (k % a.group_size == 0) w4_group_consts(a, k / a.group_size, n0, width, s, z);
       const uint8_t* row = wb + k * 8;
@@ -138,7 +137,8 @@ static inline void w4a16_tile_scalar_impl(const W4A16Args& a, int64_t block, int
         w[j] = w4_dequant(w4_lo(row[j]), s[j], z[j]);
         w[j + 8] = w4_dequant(w4_hi(row[j]), s[j + 8], z[j + 8]);
       }
-      for (int64_t j = 0; j < kNB4; ++j) acc[j] = q2_add(acc[j], q2_mul(xr[k], w[j]));
+      const float xk = a.x[w4_x_index(a.M, m, k)];
+      for (int64_t j = 0; j < kNB4; ++j) acc[j] = q2_add(acc[j], q2_mul(xk, w[j]));
     }
     for (int64_t j = 0; j < width; ++j) a.out[m * a.N + n0 + j] = acc[j];
   }
