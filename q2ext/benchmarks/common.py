@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import platform
 
+import statistics
+
 import torch
 from torch.utils import benchmark
 
@@ -40,6 +42,18 @@ def median_seconds(fn, min_run_time: float = 0.5, sync_cuda: bool = False) -> fl
         torch.cuda.synchronize()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def interleaved_medians(fns, min_run_time: float = 0.5, rounds: int = 5, sync_cuda: bool = False) -> list:
+    """Median wall time of each fn, measured in interleaved rounds (fn0, fn1, ..., fn0, ...),
+    each round a median over min_run_time / rounds; returns the median over rounds per fn.
+    A slow spell of a shared machine then hits every path, not just the one it fell on."""
+    fns = list(fns)
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            times[i].append(median_seconds(fn, min_run_time / rounds, sync_cuda=sync_cuda))
+    return [statistics.median(t) for t in times]
 
 
 def print_table(rows, headers) -> str:

@@ -17,7 +17,6 @@ reads the branches and the output gradient and writes the branch gradients.
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 from ..gbfusion_reference import softmax_alpha
 from ..nn.gbfusion import GBFusion
-from .common import machine_info, median_seconds, print_table
+from .common import interleaved_medians, machine_info, print_table
 
 FULL_CASES = [
     # (name, mode, branch shapes, dtype, channels_last)
@@ -36,7 +35,6 @@ FULL_CASES = [
     ("PAN concat NHWC", "concat", [(2, 128, 40, 40), (2, 128, 40, 40)], torch.float32, True),
 ]
 QUICK_CASES = [FULL_CASES[1], FULL_CASES[2]]
-ROUNDS = 5
 
 
 class Composite:
@@ -112,11 +110,7 @@ def run(quick: bool = False, device: str = "cpu", min_run_time: float | None = N
             _step(compc, xs, dy, compc.update)()
             cs = time.perf_counter() - t0
             steps[f"composite compiled (compile {cs:.0f}s)"] = _step(compc, xs, dy, compc.update)
-        times = {path: [] for path in steps}
-        for _ in range(ROUNDS):
-            for path, fn in steps.items():
-                times[path].append(median_seconds(fn, mrt / ROUNDS, sync_cuda=cuda))
-        med = {path: statistics.median(v) for path, v in times.items()}
+        med = dict(zip(steps, interleaved_medians(steps.values(), mrt, sync_cuda=cuda)))
         t_q2 = med.pop("q2ext")
         baselines = list(med.items())
         layout = "NHWC" if cl else "NCHW"

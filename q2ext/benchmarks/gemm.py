@@ -5,7 +5,8 @@ ops), torch._weight_int8pack_mm and torch._weight_int4pack_mm_for_cpu, all in on
 Throughput is 2*M*N*K / time (GFLOP/s for float paths, GOP/s for integer ones).  The
 W8A8 "end to end" rows include quantising the fp32 activation with a per-tensor static
 scale (the learned LSQ step) and the fp32 epilogue; weights are prepared once, outside
-the timed region, for every path.
+the timed region, for every path.  The CPU paths of one shape are timed in interleaved
+rounds (common.interleaved_medians).
 
 ``run(device="cuda")`` times the CUDA kernels instead (run_cuda): W8A8 against cuBLAS int8
 (torch._int_mm) and bf16 F.linear, W4A16 against torch's tinygemm int4 kernel
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import gemm
-from .common import machine_info, median_seconds, print_table
+from .common import interleaved_medians, machine_info, median_seconds, print_table
 
 W8_SHAPES = [(1024, 1024, 1024), (4096, 256, 1024)]
 W8_QUICK = [(1024, 1024, 1024)]
@@ -60,12 +61,10 @@ def bench_w8a8(shapes, min_run_time):
             ("q2ext w8a8_linear end to end (bf16 in/out)",
              lambda: gemm.w8a8_linear(xb, w_packed, w_scale, x_scale, bias)),
         ]
-        base = None
-        for name, fn in cases:
-            t = median_seconds(fn, min_run_time)
+        ts = interleaved_medians([fn for _, fn in cases], min_run_time)
+        for (name, _), t in zip(cases, ts):
             speed[(m, n, k, name)] = ops_count / t / 1e9
-            base = base or t
-            rows.append([f"{m}x{n}x{k}", name, f"{t * 1e3:.3f}", f"{ops_count / t / 1e9:.0f}", f"{base / t:.2f}x"])
+            rows.append([f"{m}x{n}x{k}", name, f"{t * 1e3:.3f}", f"{ops_count / t / 1e9:.0f}", f"{ts[0] / t:.2f}x"])
     return rows, speed
 
 
@@ -93,13 +92,11 @@ def bench_w4a16(shapes, min_run_time):
             ("q2ext w4a16_mm (bf16 x)", lambda: gemm.w4a16_mm(xb, packed, scales, zeros, GROUP)),
             ("q2ext w4a16_mm (fp32 x)", lambda: gemm.w4a16_mm(x, packed, scales, zeros, GROUP)),
         ]
-        base = None
-        for name, fn in cases:
-            t = median_seconds(fn, min_run_time)
+        ts = interleaved_medians([fn for _, fn in cases], min_run_time)
+        for (name, _), t in zip(cases, ts):
             speed[(m, n, k, name)] = ops_count / t / 1e9
-            base = base or t
             rows.append([f"{m}x{n}x{k} g{GROUP}", name, f"{t * 1e3:.3f}", f"{ops_count / t / 1e9:.1f}",
-                         f"{base / t:.2f}x"])
+                         f"{ts[0] / t:.2f}x"])
     return rows, speed
 
 
