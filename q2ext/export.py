@@ -37,6 +37,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import gbfusion_reference as _gbf_ref
 from .nn.gbfusion import GBFusion
 from .nn.int_layers import _weight_codes, quantizer_grid
 from .nn.layers import QUANT_LAYERS, QuantConv2d, QuantLinear
@@ -126,7 +127,32 @@ class _Int8Weight(nn.Module):
             self.codes, self.step, None, 0, self.qmin, self.qmax, torch.int8)
 
 
-def _check_model(model):
+class _LiveFusion(nn.Module):
+    """A GBFusion exported with its per-pixel LayerNorm (``gbfusion="keep"``): alpha frozen
+    at softmax(lam), the forward in plain tensor ops (mean, variance, rsqrt over channels)
+    that the ONNX exporter translates; the same formulas as the fused kernel."""
+
+    def __init__(self, g: GBFusion):
+        super().__init__()
+        self.mode = _gbf_ref.MODE_CONCAT if g.mode == "concat" else _gbf_ref.MODE_ADD
+        self.eps = float(g.eps)
+        self.register_buffer("alpha", g.alpha.detach().clone())
+        self.weight = None if g.weight is None else nn.Parameter(g.weight.detach().clone(), requires_grad=False)
+        self.bias = None if g.bias is None else nn.Parameter(g.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, *xs):
+        branches = list(xs[0]) if len(xs) == 1 and isinstance(xs[0], (list, tuple)) else list(xs)
+        return _gbf_ref.gb_fusion_composite(branches, self.alpha, self.weight, self.bias, self.mode, self.eps)
+
+
+def _keep_fusions(model):
+    for name, m in list(model.named_modules()):
+        if isinstance(m, GBFusion):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, _LiveFusion(m))
+
+
+def _check_model(model, gbfusion):
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx: model must be an nn.Module, got {type(model).__name__}")
     if not any(isinstance(m, QUANT_LAYERS) for m in model.modules()):
@@ -137,9 +163,10 @@ def _check_model(model):
         if isinstance(m, Quantizer) and m.enabled and not m.is_initialized:
             raise ValueError(f"export_onnx: quantizer {name!r} is not initialised; run one forward or "
                              "q2ext.calibrate(model, batches) first")
-        if isinstance(m, GBFusion) and not (m.use_constants and m.const_mean is not None):
+        if gbfusion == "fold" and isinstance(m, GBFusion) and not (m.use_constants and m.const_mean is not None):
             raise ValueError(f"export_onnx: GBFusion node {name!r} still runs its training LayerNorm; "
-                             "freeze it with q2ext.calibrate_gbfusion(model, calib_batches) first")
+                             "freeze it with q2ext.calibrate_gbfusion(model, calib_batches) first, or "
+                             "export it as it is with gbfusion='keep'")
 
 
 def _check_path(path):
@@ -173,7 +200,7 @@ def _swap_weights(model):
 
 
 def export_onnx(model: nn.Module, example_input, path, *, dynamic_batch: bool = False,
-                opset_version: int = OPSET):
+                opset_version: int = OPSET, gbfusion: str = "fold"):
     """Write the QDQ ONNX graph of a prepared q2ext model to ``path``.
 
     Args:
@@ -187,6 +214,9 @@ def export_onnx(model: nn.Module, example_input, path, *, dynamic_batch: bool = 
         path: destination ``.onnx`` file (str or os.PathLike).
         dynamic_batch: make dimension 0 of every input symbolic.
         opset_version: ONNX opset, >= 18.
+        gbfusion: "fold" (nodes must be calibrated, see above) or "keep": every GBFusion
+            exports with alpha frozen and its per-pixel LayerNorm as ONNX ops (the model as
+            trained; ``q2ext.convert(..., gbfusion="keep")`` is its int8 counterpart).
     Returns: the exported ``onnx.ModelProto``.
     Raises: ValueError for a model without q2ext quantized layers, with uninitialised
     quantizers or uncalibrated GBFusion nodes; OSError naming ``path`` when it cannot be
@@ -197,7 +227,9 @@ def export_onnx(model: nn.Module, example_input, path, *, dynamic_batch: bool = 
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise ImportError("export_onnx needs the onnx and onnxscript packages (pip install onnx onnxscript)") from exc
-    _check_model(model)
+    if gbfusion not in ("fold", "keep"):
+        raise ValueError(f"export_onnx: gbfusion must be 'fold' or 'keep', got {gbfusion!r}")
+    _check_model(model, gbfusion)
     if isinstance(opset_version, bool) or not isinstance(opset_version, int) or opset_version < OPSET:
         raise ValueError(f"export_onnx: opset_version must be an int >= {OPSET}, got {opset_version!r}")
     args = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -210,6 +242,8 @@ def export_onnx(model: nn.Module, example_input, path, *, dynamic_batch: bool = 
 
     model = copy.deepcopy(model).cpu().float().eval()
     _swap_weights(model)
+    if gbfusion == "keep":
+        _keep_fusions(model)
     dynamic = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")

@@ -13,6 +13,8 @@ element by one step at an exact rounding tie; a single 8-bit layer allows a few 
 """
 from collections import Counter
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -111,10 +113,10 @@ def _distinct_activation_quants(model, x):
     return len(keys)
 
 
-def _check(model, x, path, n_weight_dq):
+def _check(model, x, path, n_weight_dq, **export_kw):
     with torch.no_grad():
         want = model(x)
-    proto = export_onnx(model, x, path)
+    proto = export_onnx(model, x, path, **export_kw)
     onnx.checker.check_model(str(path), full_check=True)
     ops = Counter(n.op_type for n in proto.graph.node)
     n_act = _distinct_activation_quants(model, x)
@@ -253,8 +255,14 @@ def test_calibrated_gbfusion(tmp_path):
     model = _learned(q2ext.prepare(net, q2ext.QConfig(w_bits=4, a_bits=4)), x)
     with pytest.raises(ValueError, match="calibrate_gbfusion"):
         export_onnx(model, x, tmp_path / "gbf.onnx")
+    live = copy.deepcopy(model)
     q2ext.calibrate_gbfusion(model, [x])
     _check(model, x, tmp_path / "gbf.onnx", n_weight_dq=4)
+    # gbfusion="keep": the node as trained (per-pixel LayerNorm) in ONNX ops
+    ops = _check(live, x, tmp_path / "gbf_keep.onnx", n_weight_dq=4, gbfusion="keep")
+    assert ops["ReduceMean"] >= 2 and ops["Sqrt"] + ops.get("Rsqrt", 0) + ops["Reciprocal"] >= 1
+    with pytest.raises(ValueError, match="gbfusion must be 'fold' or 'keep'"):
+        export_onnx(live, x, tmp_path / "bad.onnx", gbfusion="none")
 
 
 def test_bad_inputs(tmp_path):
