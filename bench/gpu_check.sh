@@ -28,6 +28,11 @@ tail -3 "$OUT/build.log"
 step cuda-tests
 $PY -m pytest -q -x tests/test_cuda.py -p no:cacheprovider 2>&1 | tee "$OUT/test_cuda.txt" | tail -15
 
+step cuda-q2-tests
+# The Q-GBFusion / Q-ADA op tests parametrise over cpu and cuda: their cuda cases.
+$PY -m pytest -q tests/test_gbfusion_ops.py tests/test_ada_ops.py -k cuda -p no:cacheprovider 2>&1 \
+  | tee "$OUT/test_cuda_q2.txt" | tail -15
+
 step cuda-gemm-tests
 # No -x: one run should show every failing GEMM path (dp4a / MMA / w4a16 GEMV / dequant).
 $PY -m pytest -q tests/test_cuda_gemm.py -p no:cacheprovider 2>&1 | tee "$OUT/test_cuda_gemm.txt" | tail -25
