@@ -7,7 +7,8 @@ ops are inference-only: they have no autograd formula (QAT trains through fake q
 
 ``quantize_activation(x [M, K] f32|bf16, scale [1]|[M] f32 or None, quant_min, quant_max)
 -> (q [M, K] int8|uint8, scale [1]|[M] f32)``
-``w8a8_mm(a [M, K] int8|uint8, b [N, K] int8, a_scale [M]|[1] f32, b_scale [N] f32,
+``w8a8_mm(a [M, K] int8|uint8, b [N, K] int8 or pack_int8_weight(w, signed_act=a is int8),
+a_scale [M]|[1] f32, b_scale [N] f32,
 bias [N] f32 or None, out_dtype f32|bf16|int32 (default f32), relu) -> [M, N]``
 ``w8a8_linear(x [M, K] f32|bf16, w_packed, w_scale [N] f32, x_scale [1]|[M] or None,
 bias, quant_min, quant_max, relu) -> [M, N] in x's dtype`` (quantises x inside)
@@ -68,18 +69,35 @@ def check_quantize_activation(x, scale, quant_min, quant_max):
         _check_vec(scale, "scale", x.shape[0], True, x, fn)
 
 
+def w8a8_mm_n(b, b_scale):
+    """N of w8a8_mm: rows of a 2-D b, else (packed by pack_int8_weight) b_scale's length."""
+    return b_scale.numel() if b.dim() == 4 else b.shape[0]
+
+
 def check_w8a8_mm(a, b, a_scale, b_scale, bias, out_dtype, relu):
     fn = "q2ext.w8a8_mm"
     torch._check(a.dim() == 2 and a.dtype in (torch.int8, torch.uint8),
                  lambda: f"{fn}: a must be a 2-D int8 or uint8 tensor, got {a.dtype} {list(a.shape)}")
-    torch._check(b.dim() == 2 and b.dtype == torch.int8,
-                 lambda: f"{fn}: b must be a 2-D int8 tensor [N, K], got {b.dtype} {list(b.shape)}")
-    torch._check(a.shape[1] == b.shape[1], lambda: f"{fn}: a is [M, K={a.shape[1]}] but b is [N, K={b.shape[1]}]")
     torch._check(a.device == b.device, lambda: f"{fn}: b is on {b.device} but a on {a.device}")
+    n = w8a8_mm_n(b, b_scale)
+    if b.dim() == 4:  # pack_int8_weight output
+        k, signed = a.shape[1], a.dtype == torch.int8
+        want = [_cdiv(n, NB8), _cdiv(k, 4), NB8, 4]
+        torch._check(list(b.shape) == want and b.is_contiguous(),
+                     lambda: f"{fn}: a packed b must be the contiguous output of pack_int8_weight, shape {want} "
+                             f"for N=b_scale.numel()={n}, K={k}; got {list(b.shape)}")
+        torch._check(b.dtype == (torch.uint8 if signed else torch.int8),
+                     lambda: f"{fn}: the packed b was packed for {'unsigned' if signed else 'signed'} activations "
+                             f"but a is {a.dtype} (pack_int8_weight(w, signed_act={signed}))")
+    else:
+        torch._check(b.dim() == 2 and b.dtype == torch.int8,
+                     lambda: f"{fn}: b must be a 2-D int8 tensor [N, K] or the output of pack_int8_weight, got "
+                             f"{b.dtype} {list(b.shape)}")
+        torch._check(a.shape[1] == b.shape[1], lambda: f"{fn}: a is [M, K={a.shape[1]}] but b is [N, K={b.shape[1]}]")
     _check_vec(a_scale, "a_scale", a.shape[0], True, a, fn)
-    _check_vec(b_scale, "b_scale", b.shape[0], False, a, fn)
+    _check_vec(b_scale, "b_scale", n, False, a, fn)
     if bias is not None:
-        _check_vec(bias, "bias", b.shape[0], False, a, fn)
+        _check_vec(bias, "bias", n, False, a, fn)
     od = torch.float32 if out_dtype is None else out_dtype
     torch._check(od in (torch.float32, torch.bfloat16, torch.int32),
                  lambda: f"{fn}: out_dtype must be float32, bfloat16 or int32, got {od}")
@@ -146,7 +164,7 @@ def _quantize_activation_fake(x, scale, quant_min, quant_max):
 @torch.library.register_fake("q2ext::w8a8_mm", lib=LIB)
 def _w8a8_mm_fake(a, b, a_scale, b_scale, bias=None, out_dtype=None, relu=False):
     od = check_w8a8_mm(a, b, a_scale, b_scale, bias, out_dtype, relu)
-    return a.new_empty((a.shape[0], b.shape[0]), dtype=od)
+    return a.new_empty((a.shape[0], w8a8_mm_n(b, b_scale)), dtype=od)
 
 
 @torch.library.register_fake("q2ext::w8a8_linear", lib=LIB)

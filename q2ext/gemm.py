@@ -56,7 +56,9 @@ def w8a8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=torch.float32, relu=Fal
 
     Args:
         a: [M, K] int8 or uint8 (quantised activations).
-        b: [N, K] int8 (quantised weights, nn.Linear layout).
+        b: [N, K] int8 (quantised weights, nn.Linear layout), or
+            ``pack_int8_weight(b, signed_act=a.dtype == torch.int8)`` packed once for
+            repeated calls (the kernels then skip the per-call repack; N = len(b_scale)).
         a_scale: float32 [M] or [1];  b_scale: float32 [N];  bias: float32 [N] or None.
         out_dtype: torch.float32, torch.bfloat16, or torch.int32 for the raw exact
             accumulator (then no bias/relu).

@@ -73,7 +73,10 @@ def w8a8_epilogue(acc, a_scale, b_scale, bias, relu, out_dtype):
 
 
 def w8a8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=None, relu=False):
+    """b: [N, K] int8, or its pack_int8_weight panels (N = b_scale.numel())."""
     out_dtype = torch.float32 if out_dtype is None else out_dtype
+    if b.dim() == 4:
+        b = unpack_int8_weight(b, b_scale.numel(), a.shape[1])
     return w8a8_epilogue(int_mm(a, b), a_scale, b_scale, bias, relu, out_dtype)
 
 

@@ -26,6 +26,7 @@ def opcheck_cases(device):
         (ops.w8a8_mm, (a, b, torch.rand(5), torch.rand(7), torch.randn(7), torch.bfloat16, True)),
         (ops.w8a8_mm, (a, b, torch.rand(1), torch.rand(7), None, torch.int32, False)),
         (ops.w8a8_mm, (au, b, torch.rand(20), torch.rand(7), None, None, False)),
+        (ops.w8a8_mm, (a, wp8, torch.rand(5), torch.rand(7), torch.randn(7), None, True)),  # packed b
         (ops.w8a8_linear, (x, wp8, torch.rand(7), None, torch.randn(7), -128, 127, False)),
         (ops.w4a16_mm, (x, wp4, s, z, 32)),
         (ops.w4a16_mm, (x.bfloat16(), wp4, s, z, 32)),

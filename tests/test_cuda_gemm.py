@@ -70,6 +70,10 @@ def test_w8a8_mm_exact(m, n, k, adt):
                               (torch.float32, None, True, a_s), (torch.bfloat16, None, False, a_s)]:
         got = ops.w8a8_mm(ad, bd, *_cuda(asc, b_s, bi), od, relu)
         assert_same(got, ref.w8a8_mm(a, b, asc, b_s, bi, od, relu), f"{od} relu={relu}")
+    bp = gemm.pack_int8_weight(b, signed_act=adt == torch.int8).to(DEV)  # packed once: panels used as they are
+    assert_same(ops.w8a8_mm(ad, bp, *_cuda(a_s, b_s), None, torch.int32), ref.int_mm(a, b), "packed int32")
+    assert_same(ops.w8a8_mm(ad, bp, *_cuda(a_s, b_s, bias), torch.float32, True),
+                ref.w8a8_mm(a, b, a_s, b_s, bias, torch.float32, True), "packed f32")
 
 
 def test_w8a8_mm_extremes_and_layouts():

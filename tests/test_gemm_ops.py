@@ -44,6 +44,11 @@ def test_w8a8_mm_exact(isa, m, n, k, adt):
                               (torch.float32, None, True, a_s)]:
         got = ops.w8a8_mm(a, b, asc, b_s, bi, od, relu)
         assert torch.equal(got, ref.w8a8_mm(a, b, asc, b_s, bi, od, relu)), (od, relu)
+    # b packed once (pack_int8_weight for a's signedness): the same results
+    bp = gemm.pack_int8_weight(b, signed_act=adt == torch.int8)
+    assert torch.equal(ops.w8a8_mm(a, bp, a_s, b_s, None, torch.int32), acc)
+    assert torch.equal(ops.w8a8_mm(a, bp, a_s, b_s, bias, torch.float32, True),
+                       ref.w8a8_mm(a, b, a_s, b_s, bias, torch.float32, True))
 
 
 def test_w8a8_mm_extremes_and_strides(isa):
@@ -283,3 +288,14 @@ def test_compile_fullgraph():
     wp, ws = gemm.pack_int8_weight(w), torch.rand(16)
     fn = torch.compile(lambda t: gemm.w8a8_linear(t, wp, ws, None, None), fullgraph=True, backend="eager")
     assert torch.equal(fn(x), gemm.w8a8_linear(x, wp, ws))
+
+
+def test_w8a8_mm_packed_b_bad_inputs():
+    a = torch.zeros(3, 70, dtype=torch.int8)
+    w = torch.zeros(5, 70, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="packed b was packed for unsigned activations"):
+        ops.w8a8_mm(a, gemm.pack_int8_weight(w, signed_act=False), torch.ones(1), torch.ones(5))
+    with pytest.raises(RuntimeError, match="packed b must be the contiguous output of pack_int8_weight"):
+        ops.w8a8_mm(a[:, :60], gemm.pack_int8_weight(w), torch.ones(1), torch.ones(5))
+    with pytest.raises(RuntimeError, match=r"shape \[2, 18, 64, 4\] for N=b_scale.numel\(\)=70"):
+        ops.w8a8_mm(a, gemm.pack_int8_weight(w), torch.ones(1), torch.ones(70))  # N comes from b_scale

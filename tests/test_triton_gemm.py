@@ -75,7 +75,11 @@ SHAPES_8 = [(1, 1, 1), (1, 33, 65), (37, 1, 97), (45, 70, 300), (2, 3, 4097)]
 @pytest.mark.parametrize("adt", [torch.int8, torch.uint8])
 def test_w8a8_exact(m, n, k, adt):
     g = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
-    _check_w8a8(_ints((m, k), adt, g), _ints((n, k), torch.int8, g), g)
+    a, b = _ints((m, k), adt, g), _ints((n, k), torch.int8, g)
+    _check_w8a8(a, b, g)
+    bp = gemm.pack_int8_weight(b, signed_act=adt == torch.int8)  # a packed b is accepted too
+    ones = torch.ones(n)
+    assert_bits_equal(W8(a, bp, ones[:1], ones, None, torch.int32), ref.int_mm(a, b))
 
 
 @pytest.mark.parametrize("adt", [torch.int8, torch.uint8])

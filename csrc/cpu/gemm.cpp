@@ -133,9 +133,9 @@ at::Tensor w8a8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tenso
                        const at::Tensor& b_scale, const std::optional<at::Tensor>& bias,
                        std::optional<at::ScalarType> out_dtype, bool relu) {
   const at::ScalarType od = check_w8a8_mm(a, b, a_scale, b_scale, bias, out_dtype, relu);
-  const int64_t M = a.size(0), N = b.size(0);
+  const int64_t M = a.size(0), N = w8a8_mm_n(b, b_scale);
   const bool a_signed = a.scalar_type() == at::kChar;
-  at::Tensor ac = contiguous_rows(a), bc = contiguous_rows(b);
+  at::Tensor ac = contiguous_rows(a);
   if (a.size(1) % 4 != 0 && M > 0) {
     // The VNNI tile reads whole k-quads of A: give it rows of 4 * kq bytes (the extra
     // bytes meet zero B padding, so their value does not matter).
@@ -161,10 +161,12 @@ at::Tensor w8a8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tenso
       }
     });
   }
-  at::Tensor panels = pack_b(bc, a_signed);
+  // A packed b (pack_int8_weight, checked above) already is the tiles' layout.
+  at::Tensor panels = b.dim() == 4 ? b : pack_b(contiguous_rows(b), a_signed);
   const int kind = od == at::kFloat ? kOutF32 : (od == at::kBFloat16 ? kOutBF16 : kOutI32);
-  run_w8a8(base_args(ac, a_signed, comp.data_ptr<int32_t>(), panels.data_ptr<uint8_t>(), N, as,
-                     bs, bias_c, relu, kind, out));
+  const auto* panel_bytes = static_cast<const uint8_t*>(panels.data_ptr());  // uint8 or int8
+  run_w8a8(base_args(ac, a_signed, comp.data_ptr<int32_t>(), panel_bytes, N, as, bs, bias_c, relu,
+                     kind, out));
   return out;
 }
 

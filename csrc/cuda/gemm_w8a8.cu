@@ -457,7 +457,7 @@ at::Tensor w8a8_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tens
                         std::optional<at::ScalarType> out_dtype, bool relu) {
   const at::ScalarType od = gemm::check_w8a8_mm(a, b, a_scale, b_scale, bias, out_dtype, relu);
   c10::cuda::CUDAGuard guard(a.device());
-  const int64_t M = a.size(0), N = b.size(0), K = a.size(1);
+  const int64_t M = a.size(0), N = gemm::w8a8_mm_n(b, b_scale), K = a.size(1);
   at::Tensor out = at::empty({M, N}, a.options().dtype(od));
   if (M == 0 || N == 0) return out;
   const cudaStream_t st = c10::cuda::getCurrentCUDAStream();
@@ -470,8 +470,10 @@ at::Tensor w8a8_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tens
     ac.copy_(a);
   }
   const int64_t kq = ceil_div(K, 4);
-  at::Tensor panels = at::empty({ceil_div(N, kNB8) * kq * kNB8}, a.options().dtype(at::kInt));
-  if (panels.numel() > 0) {
+  const bool packed = b.dim() == 4;  // pack_int8_weight output: the panels already
+  at::Tensor panels = packed ? (aligned16(b.const_data_ptr()) ? b : b.clone())
+                             : at::empty({ceil_div(N, kNB8) * kq * kNB8}, a.options().dtype(at::kInt));
+  if (!packed && panels.numel() > 0) {
     pack_b_kernel<<<static_cast<unsigned>(ceil_div(panels.numel(), kThreads)), kThreads, 0, st>>>(
         static_cast<const int8_t*>(b.const_data_ptr()), b.stride(0), b.stride(1), N, K, kq,
         reinterpret_cast<uint32_t*>(panels.mutable_data_ptr<int32_t>()));
@@ -483,8 +485,9 @@ at::Tensor w8a8_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tens
   const int kind = od == at::kFloat ? gemm::kOutF32 : (od == at::kBFloat16 ? gemm::kOutBF16 : gemm::kOutI32);
   GemmArgs g = make_gemm(ac, static_cast<const uint8_t*>(ac.const_data_ptr()), N, K, as, bs, bias_c, relu,
                          kind, out);
-  g.b = reinterpret_cast<const uint32_t*>(panels.const_data_ptr<int32_t>());
-  g.b_flip = 0;
+  g.b = static_cast<const uint32_t*>(panels.const_data_ptr());
+  // Packed for int8 activations, the panels hold w + 128 (see w8a8_linear_cuda).
+  g.b_flip = packed && a.scalar_type() == at::kChar ? 0x80808080u : 0u;
   run_gemm(g, a.scalar_type() == at::kChar, a.get_device(), st);
   return out;
 }

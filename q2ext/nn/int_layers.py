@@ -118,8 +118,12 @@ class Int8Conv2d(nn.Module):
                        w_scale[g * cout_g:(g + 1) * cout_g], x_scale,
                        None if bias is None else bias[g * cout_g:(g + 1) * cout_g], quant_min, quant_max, relu)
             for g in range(groups))
-        # The same codes in patch order (kh, kw, c) for the int8 im2col rows.
-        self.register_buffer("w_patch", weight_int8.permute(0, 2, 3, 1).reshape(self.out_channels, -1).contiguous())
+        # The same codes in patch order (kh, kw, c) for the int8 im2col rows, packed once
+        # per group for w8a8_mm (repacking them on every call cost more than the GEMMs of
+        # a batch-1 ResNet-18): [groups, panels, k-quads, 64, 4].
+        patch = weight_int8.permute(0, 2, 3, 1).reshape(groups, cout_g, -1)
+        self.register_buffer("w_patch", torch.stack(
+            [gemm.pack_int8_weight(patch[g].contiguous(), signed_act=quant_min < 0) for g in range(groups)]))
 
     @classmethod
     def from_qat(cls, mod, relu=False):
@@ -174,7 +178,7 @@ class Int8Conv2d(nn.Module):
                                     (sn, sh * self.stride[0], sw * self.stride[1], sh * self.dilation[0],
                                      sw * self.dilation[1], sc), qg.storage_offset())
             rows = patches.reshape(n * oh * ow, -1)
-            y = gemm.w8a8_mm(rows, self.w_patch[g * cout_g:(g + 1) * cout_g], lin.x_scale, lin.w_scale, lin.bias,
+            y = gemm.w8a8_mm(rows, self.w_patch[g], lin.x_scale, lin.w_scale, lin.bias,
                              out_dtype=x.dtype, relu=lin.relu)
             outs.append(y.view(n, oh, ow, cout_g))
         return outs

@@ -34,6 +34,7 @@ from .._ops_gemm import (
     check_w4a16_mm,
     check_w8a8_mm,
 )
+from .. import gemm_reference as _ref
 from ._common import I64_LIMIT, INTERPRET, _load_f32, _mul, _next_pow2, _to_storage, _use_rn, register_op
 
 __all__ = ["w8a8_mm_triton", "w4a16_mm_triton"]
@@ -206,6 +207,8 @@ def _grid(m, n, cfg):
 def _w8a8_mm_triton(a, b, a_scale, b_scale, bias=None, out_dtype=None, relu=False):
     od = check_w8a8_mm(a, b, a_scale, b_scale, bias, out_dtype, relu)
     m, k = a.shape
+    if b.dim() == 4:  # pack_int8_weight output: this kernel tiles B [N, K] itself
+        b = _ref.unpack_int8_weight(b, b_scale.numel(), k)
     n = b.shape[0]
     out = torch.empty((m, n), dtype=od, device=a.device)
     if m == 0 or n == 0:

@@ -47,6 +47,11 @@ inline void check_quantize_activation(const at::Tensor& x, const std::optional<a
 }
 
 // Returns the output dtype.
+// N of w8a8_mm: rows of a 2-D b, else (a packed b) the length of b_scale.
+inline int64_t w8a8_mm_n(const at::Tensor& b, const at::Tensor& b_scale) {
+  return b.dim() == 4 ? b_scale.numel() : b.size(0);
+}
+
 inline at::ScalarType check_w8a8_mm(const at::Tensor& a, const at::Tensor& b,
                                     const at::Tensor& a_scale, const at::Tensor& b_scale,
                                     const std::optional<at::Tensor>& bias,
@@ -55,16 +60,31 @@ inline at::ScalarType check_w8a8_mm(const at::Tensor& a, const at::Tensor& b,
   TORCH_CHECK(a.dim() == 2 && (a.scalar_type() == at::kChar || a.scalar_type() == at::kByte),
               "q2ext.w8a8_mm: a must be a 2-D int8 or uint8 tensor, got ", a.scalar_type(), " ",
               a.sizes());
-  TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kChar,
-              "q2ext.w8a8_mm: b must be a 2-D int8 tensor [N, K], got ", b.scalar_type(), " ",
-              b.sizes());
-  TORCH_CHECK(a.size(1) == b.size(1), "q2ext.w8a8_mm: a is [M, K=", a.size(1), "] but b is [N, K=",
-              b.size(1), "]");
   TORCH_CHECK(b.device() == a.device(), "q2ext.w8a8_mm: b is on ", b.device(), " but a on ",
               a.device());
+  const int64_t N = w8a8_mm_n(b, b_scale);
+  if (b.dim() == 4) {  // pack_int8_weight(w, signed_act) output: packed once, reused per call
+    const int64_t K = a.size(1), kq = ceil_div64(K, 4);
+    const bool a_signed = a.scalar_type() == at::kChar;
+    TORCH_CHECK(b.size(0) == ceil_div64(N, kNB8) && b.size(1) == kq && b.size(2) == kNB8 &&
+                    b.size(3) == 4 && b.is_contiguous(),
+                "q2ext.w8a8_mm: a packed b must be the contiguous output of pack_int8_weight, shape [",
+                ceil_div64(N, kNB8), ", ", kq, ", 64, 4] for N=b_scale.numel()=", N, ", K=", K,
+                "; got ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == (a_signed ? at::kByte : at::kChar),
+                "q2ext.w8a8_mm: the packed b was packed for ", a_signed ? "unsigned" : "signed",
+                " activations but a is ", a.scalar_type(), " (pack_int8_weight(w, signed_act=",
+                a_signed ? "True" : "False", "))");
+  } else {
+    TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kChar,
+                "q2ext.w8a8_mm: b must be a 2-D int8 tensor [N, K] or the output of pack_int8_weight, got ",
+                b.scalar_type(), " ", b.sizes());
+    TORCH_CHECK(a.size(1) == b.size(1), "q2ext.w8a8_mm: a is [M, K=", a.size(1),
+                "] but b is [N, K=", b.size(1), "]");
+  }
   check_f32_vec(a_scale, fn, "a_scale", a.size(0), true, a, "a");
-  check_f32_vec(b_scale, fn, "b_scale", b.size(0), false, a, "a");
-  if (bias.has_value()) check_f32_vec(*bias, fn, "bias", b.size(0), false, a, "a");
+  check_f32_vec(b_scale, fn, "b_scale", N, false, a, "a");
+  if (bias.has_value()) check_f32_vec(*bias, fn, "bias", N, false, a, "a");
   const at::ScalarType od = out_dtype.value_or(at::kFloat);
   TORCH_CHECK(od == at::kFloat || od == at::kBFloat16 || od == at::kInt,
               "q2ext.w8a8_mm: out_dtype must be float32, bfloat16 or int32, got ", od);
