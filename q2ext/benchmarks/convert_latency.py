@@ -13,13 +13,14 @@ and per-channel weights.  ``onnx=True`` adds onnxruntime on the exported QDQ gra
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import tempfile
 import warnings
 
 import torch
 
-from .common import machine_info, median_seconds, print_table
+from .common import interleaved_medians, machine_info, print_table
 
 W8A8 = dict(w_bits=8, a_bits=8, a_quantizer="lsq")
 
@@ -155,11 +156,10 @@ def run(quick: bool = False, min_run_time: float = 0.5, size: int = 96, onnx: bo
             paths = [("FP32 eager", fp32), ("fake quant W8A8 (QAT eval)", qat), ("q2ext convert W8A8 (int8)", intm)]
             if onnx and not gbf:
                 paths.append(("onnxruntime QDQ W8A8 (export_onnx)", _ort_session(qat, x, threads)))
-            base = None
-            for label, fn in paths:
-                with torch.inference_mode():
-                    t = median_seconds(lambda: fn(x), min_run_time)
-                base = base or t
+            with torch.inference_mode():  # the paths in interleaved rounds (common.interleaved_medians)
+                ts = interleaved_medians([functools.partial(fn, x) for _, fn in paths], min_run_time)
+            base = ts[0]
+            for (label, _), t in zip(paths, ts):
                 rows.append([name, f"{bs}x3x{hw}x{hw}", label, f"{t * 1e3:.2f}", f"{base / t:.2f}x"])
                 records.append(dict(case=f"{name} b{bs} {hw}px {label}", ms=t * 1e3, speedup_vs_fp32=base / t))
     out.append(print_table(rows, ["model", "input", "path", "ms", "speedup vs FP32 eager"]))
