@@ -1,15 +1,15 @@
-"""Converted-model latency (issue #6):
+"""Converted-model latency:
 python bench/bench_convert.py [--quick] [--threads N] [--size 96] [--onnx]
 
 ResNet-18 (batch 1 and 16) and a U-Net with Q-GBFusion: q2ext.convert's int8 model vs FP32
 eager and the fake-quant model, plus argmax agreement int8 vs fake quant.  The
-implementation lives in q2ext/benchmarks/convert_latency.py; results go to bench/RESULTS.md.
+implementation lives in q2ext/benchmarks/convert.py; results go to bench/RESULTS.md.
 """
 import argparse
 
 import torch
 
-from q2ext.benchmarks import convert_latency
+from q2ext.benchmarks import convert
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
@@ -21,4 +21,4 @@ if __name__ == "__main__":
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    convert_latency.run(quick=a.quick, min_run_time=a.min_run_time, size=a.size, onnx=a.onnx)
+    convert.run(quick=a.quick, min_run_time=a.min_run_time, size=a.size, onnx=a.onnx)

@@ -1,4 +1,4 @@
-"""Fake-quant microbenchmark (issue #2 §5): python bench/bench_fake_quant.py [--quick] [--device cuda] [--threads N]
+"""Fake-quant microbenchmark: python bench/bench_fake_quant.py [--quick] [--device cuda] [--threads N]
 
 The implementation lives in q2ext/benchmarks/fake_quant.py so that `q2ext bench` runs
 the same code.

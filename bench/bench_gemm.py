@@ -1,4 +1,4 @@
-"""Int8/int4 GEMM benchmark (issue #6): python bench/bench_gemm.py [--quick] [--only w4a16] [--device cuda]
+"""Int8/int4 GEMM benchmark: python bench/bench_gemm.py [--quick] [--only w4a16] [--device cuda]
 
 The implementation lives in q2ext/benchmarks/gemm.py; results go to bench/RESULTS.md.
 """

@@ -1,4 +1,4 @@
-"""QAT training-step benchmark (issue #3): python bench/bench_qat_step.py [--quick] [--no-compile] [--no-profile]
+"""QAT training-step benchmark: python bench/bench_qat_step.py [--quick] [--no-compile] [--no-profile]
 
 W4A4 forward+backward+SGD step of ResNet-18 and a U-Net: FP32, q2ext, PyTorch's learnable
 fake-quant ops, naive LSQ eager and compiled.  The implementation lives in

@@ -2,27 +2,24 @@
 
 Fused fake-quant kernels (LSQ, LSQ+, PACT, ATen-style affine) on CPU, CUDA and Triton,
 and the Q² method (Q-GBFusion, Q-ADA).  Importing q2ext never queries a device.
-"""
-# Op schemas first (each family registers its reference fallback with _ops), then the
-# loader, which either loads q2ext._C or switches every family to its reference kernels.
-from . import _ops_ada, _ops_gbfusion, _ops_gemm  # noqa: F401
-from . import _ext
-from . import backend, nn, ops, reference
-from ._ext import cpu_isa, has_compiled, set_cpu_isa
-from .convert import convert
-from .distill import Q2Distiller
-from .export import export_onnx
-from .fusion import calibrate_gbfusion, fold_gbfusion, gradient_energy_report, insert_gbfusion
-from .nn.calibration import calibrate
-from .prepare import prepare, summary
-from .qconfig import LayerQConfig, QConfig
 
-if _ext.has_triton():
-    from .triton import fake_quant as _triton_fake_quant  # noqa: F401  (registers the Triton ops)
-    from .triton import gemm as _triton_gemm  # noqa: F401
+Layers, each importing only the ones listed before it: ``_ops`` (schemas, checks, fake
+kernels, autograd) -> ``reference`` (the oracle) -> ``_ext`` (loads the kernels) ->
+``backend`` (picks one) -> ``ops`` (public functions) -> ``nn`` (modules) -> ``passes``
+(prepare, insert/fold, convert, export) -> ``demo``, ``benchmarks``, ``cli``.
+"""
+from . import _ext, backend, nn, ops, passes, reference
+from ._ext import cpu_isa, has_compiled, set_cpu_isa
+from .nn import Q2Distiller, calibrate, gradient_energy_report
+from .passes.convert import convert
+from .passes.export import export_onnx
+from .passes.gb_fusion_fold import calibrate_gbfusion, fold_gbfusion
+from .passes.gb_fusion_insert import insert_gbfusion
+from .passes.prepare import prepare, summary
+from .qconfig import LayerQConfig, QConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "backend", "nn", "cpu_isa", "set_cpu_isa", "has_compiled", "__version__",
+__all__ = ["ops", "reference", "backend", "nn", "passes", "cpu_isa", "set_cpu_isa", "has_compiled", "__version__",
            "QConfig", "LayerQConfig", "prepare", "summary", "calibrate", "convert", "export_onnx",
            "insert_gbfusion", "fold_gbfusion", "calibrate_gbfusion", "gradient_energy_report", "Q2Distiller"]

@@ -1,4 +1,6 @@
-"""Loads the compiled extension q2ext._C, if it was built, and reports what exists.
+"""Loads the kernels: the compiled extension q2ext._C if it was built, else the reference
+kernels (the one place that registers them); the Triton ops when triton is importable.
+Reports what exists.
 
 Importing q2ext never fails because the extension is missing: a warning is issued and
 the reference kernels are registered instead.  Nothing here touches a device.
@@ -9,7 +11,7 @@ import importlib.util
 import os
 import warnings
 
-from . import _ops
+from . import _ops, reference
 
 try:
     if os.environ.get("Q2EXT_NO_EXTENSION") == "1":  # lets tests exercise the fallback
@@ -23,7 +25,8 @@ except ImportError as exc:
         RuntimeWarning,
         stacklevel=2,
     )
-    _ops.use_reference_kernels()
+    for _name, _kernel in reference.KERNELS.items():
+        _ops.register_reference(_name, _kernel)
 
 
 def has_compiled() -> bool:
@@ -36,6 +39,11 @@ def compiled_with_cuda() -> bool:
 
 def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+if has_triton():  # registers q2ext::<op>_triton; triton is an optional dependency
+    from .triton import fake_quant as _triton_fake_quant  # noqa: F401
+    from .triton import gemm as _triton_gemm  # noqa: F401
 
 
 def cpu_isa() -> str:

@@ -7,7 +7,8 @@ Backends:
               ``TRITON_INTERPRET=1`` for tests).
 
 Ops with a Triton variant: fake_quant (and its backward), w8a8_mm, w4a16_mm; the others
-run natively whatever the backend.
+(gb_fusion, ada_loss, quantize_activation, w8a8_linear) run natively whatever the backend.
+Every op family's public wrapper asks :func:`op_for` which op to call.
 
 ``auto`` (the default; override with ``Q2EXT_BACKEND`` or :func:`set_backend`) takes
 ``native`` when it has a compiled kernel for the device, else ``triton`` when it can
@@ -18,9 +19,12 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from . import _ext
 
 BACKENDS = ("auto", "native", "triton")
+TRITON_OPS = frozenset({"fake_quant", "fake_quant_backward", "w8a8_mm", "w4a16_mm"})
 _requested = None
 
 
@@ -77,3 +81,13 @@ def select(device_type: str) -> str:
     if reasons:
         raise RuntimeError(f"q2ext backend {want!r} cannot run on {device_type}: " + "; ".join(reasons))
     return want
+
+
+def op_for(name: str, device_type: str):
+    """The op that runs ``q2ext::<name>`` on ``device_type``: ``torch.ops.q2ext.<name>`` (native)
+    or ``torch.ops.q2ext.<name>_triton`` when :func:`select` picks Triton and the op has a Triton
+    variant (:data:`TRITON_OPS`).  Raises, listing every reason, when the requested backend
+    cannot run on the device."""
+    if name in TRITON_OPS and select(device_type) == "triton":
+        return getattr(torch.ops.q2ext, name + "_triton")
+    return getattr(torch.ops.q2ext, name)

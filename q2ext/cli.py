@@ -14,13 +14,21 @@ Bad options exit with status 2 and a message naming the option.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
+
+import torch
+
+from . import demo
+from .benchmarks import suite
+from .benchmarks.common import machine_info
+from .nn.gb_fusion import gradient_energy_report
+from .passes.prepare import summary
 
 
 def _writable_file(path):
     """None when `path` can be written (checked by creating it), else the reason."""
-    import os
-
     try:
         existed = os.path.exists(path)
         with open(path, "a"):
@@ -33,10 +41,6 @@ def _writable_file(path):
 
 
 def _bench(args) -> int:
-    import torch
-
-    from .benchmarks import suite
-
     if args.device == "cuda" and not torch.cuda.is_available():
         print("q2ext bench: --device cuda requested but no CUDA device is available", file=sys.stderr)
         return 2
@@ -54,8 +58,6 @@ def _bench(args) -> int:
             return 2
     table, records = suite.run(quick=args.quick, device=args.device, only=args.only)
     if args.out:
-        from .benchmarks.common import machine_info
-
         with open(args.out, "w") as f:
             f.write(machine_info() + "\n\n" + table + "\n")
     if args.plot:
@@ -66,8 +68,6 @@ def _bench(args) -> int:
 
 def _writable_dir(path):
     """None when `path` is (or can be made) a writable directory, else the reason."""
-    import os
-
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
@@ -80,12 +80,6 @@ def _writable_dir(path):
 
 
 def _demo(args) -> int:
-    import dataclasses
-
-    import torch
-
-    from . import demo
-
     # Every option is checked before any data is drawn or any model trained.
     if not 2 <= args.bits <= 8:
         print(f"q2ext demo: --bits must be in 2..8, got {args.bits}", file=sys.stderr)
@@ -113,12 +107,6 @@ def _demo(args) -> int:
 
 
 def _report(args) -> int:
-    import os
-
-    import torch
-
-    from . import gradient_energy_report, summary
-
     if not os.path.isfile(args.checkpoint):
         print(f"q2ext report: CHECKPOINT {args.checkpoint!r} is not a file", file=sys.stderr)
         return 2
@@ -142,9 +130,7 @@ def _report(args) -> int:
 
 
 def suite_names():
-    from .benchmarks.suite import SUITES  # light: the suite imports its benchmarks lazily
-
-    return SUITES
+    return suite.SUITES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ run on CPU tensors under the interpreter, so they are tested on machines without
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -15,9 +15,11 @@ import torch  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _restore_isa_and_threads():
-    """Tests may force a CPU code path or a thread count; put both back afterwards."""
+    """Every test starts from the same global RNG state (its result does not depend on which
+    tests ran before it); tests may force a CPU code path or a thread count: put both back."""
     import q2ext
 
+    torch.manual_seed(0)
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

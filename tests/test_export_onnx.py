@@ -1,4 +1,4 @@
-"""q2ext.export_onnx: QDQ ONNX graph of a prepared model vs q2ext's fake-quant model (issue #6).
+"""q2ext.export_onnx: QDQ ONNX graph of a prepared model vs q2ext's fake-quant model.
 
 Tolerances.  The oracle is the prepared model itself in eval mode (q2ext's fake quant,
 whose kernels are tested against q2ext/reference.py elsewhere).  With power-of-two steps
@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import q2ext
 from q2ext import nn as qnn
-from q2ext.export import export_onnx
+from q2ext import export_onnx
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnx.numpy_helper")
@@ -245,7 +245,7 @@ def test_calibrated_gbfusion(tmp_path):
     """A Q-GBFusion node with calibrated constants exports as float ops between Q/DQ pairs."""
     import warnings
 
-    from test_convert_gbfusion import TinyUNet
+    from test_gb_fusion_convert import TinyUNet
 
     torch.manual_seed(5)
     x = torch.randn(4, 3, 16, 16)

@@ -1,7 +1,7 @@
 """CPU tests of the fake-quant op family (fake_quant_affine, LSQ, LSQ+, PACT).
 
 What is checked, and against what:
-  * forward: bit-exact against q2ext.reference for fp32/fp16/bf16 (bit patterns are
+  * forward: bit-exact against q2ext.reference.fake_quant for fp32/fp16/bf16 (bit patterns are
     compared; NaN only where the reference has NaN);
   * grad_x: bit-exact against the reference;
   * scale / zero-point / offset / alpha gradients: within a rounding-error bound of the
@@ -14,23 +14,18 @@ What is checked, and against what:
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
 import zlib
 
 import pytest
 import torch
-from torch._prims_common import is_non_overlapping_and_dense_or_false as is_dense
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import q2ext
-from q2ext import ops
-from q2ext import reference as R
-from q2ext._ops import MODE_AFFINE, MODE_PACT
+from q2ext.reference import fake_quant as R
+from q2ext._ops.fake_quant import MODE_AFFINE
 
-from fake_quant_helpers import *  # noqa: F401,F403  (shared case model and checks)
-from fake_quant_helpers import _describe  # noqa: F401
+from helpers import *  # noqa: F401,F403  (shared case model and checks)
+from helpers import _describe  # noqa: F401
 
 
 def test_isa_paths_selectable():

@@ -3,23 +3,18 @@
 See test_fake_quant.py for what is compared against what."""
 from __future__ import annotations
 
-import contextlib
 import itertools
-import math
-import zlib
 
 import pytest
 import torch
-from torch._prims_common import is_non_overlapping_and_dense_or_false as is_dense
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import q2ext
 from q2ext import ops
-from q2ext import reference as R
-from q2ext._ops import MODE_AFFINE, MODE_PACT
+from q2ext.reference import fake_quant as R
+from q2ext._ops.fake_quant import MODE_AFFINE
 
-from fake_quant_helpers import *  # noqa: F401,F403  (shared case model and checks)
-from fake_quant_helpers import _describe  # noqa: F401
+from helpers import *  # noqa: F401,F403  (shared case model and checks)
+from helpers import _describe  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- autograd plumbing
@@ -121,38 +116,15 @@ def test_backward_outputs_never_alias(impl, mask):
 
 # ----------------------------------------------------------------------------- opcheck / compile
 
-def _opcheck_cases():
-    gen = torch.Generator().manual_seed(0)
-    x4 = torch.randn(2, 3, 4, 5, generator=gen)
-    s1, s3 = torch.tensor([0.1]), torch.rand(3, generator=gen) + 0.05
-    zp1, zp3 = torch.tensor([2.0]), torch.tensor([-1.0, 0.0, 3.0])
-    off3 = torch.tensor([0.01, -0.02, 0.0])
-    return {
-        "zp-per-tensor-fp32": (x4, s1, zp1, None, -8, 7, None, MODE_AFFINE, 0.5),
-        "zp-per-channel-fp32": (x4, s3, zp3, None, -8, 7, 1, MODE_AFFINE, 1.0),
-        "offset-per-channel-bf16": (x4.bfloat16(), s3, None, off3, 0, 15, 1, MODE_AFFINE, 0.3),
-        "lsq-per-tensor-fp16-channels_last": (x4.half().contiguous(memory_format=torch.channels_last), s1,
-                                              None, None, -2, 1, None, MODE_AFFINE, 1.0),
-        "pact-per-tensor-bf16": (x4.bfloat16(), torch.tensor([2.0]), None, None, 0, 255, None, MODE_PACT, 1.0),
-        "pact-per-channel-fp32": (x4, s3 * 10, None, None, 0, 15, 1, MODE_PACT, 1.0),
-    }
-
-
-@pytest.mark.parametrize("name", list(_opcheck_cases()))
+@pytest.mark.parametrize("name", list(fake_quant_opcheck_cases()))
 def test_opcheck_fake_quant(name):
-    x, scale, zp, off, *rest = _opcheck_cases()[name]
-    args = (x.requires_grad_(x.dtype == torch.float32), scale.clone().requires_grad_(),
-            None if zp is None else zp.clone().requires_grad_(),
-            None if off is None else off.clone().requires_grad_(), *rest)
-    torch.library.opcheck(torch.ops.q2ext.fake_quant.default, args)
+    opcheck_fake_quant(fake_quant_opcheck_cases()[name])
 
 
 @pytest.mark.parametrize("mask", [[True, True, True], [False, True, False], [True, False, True]])
-@pytest.mark.parametrize("name", list(_opcheck_cases()))
+@pytest.mark.parametrize("name", list(fake_quant_opcheck_cases()))
 def test_opcheck_fake_quant_backward(name, mask):
-    x, *rest = _opcheck_cases()[name]
-    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
-    torch.library.opcheck(torch.ops.q2ext.fake_quant_backward.default, (grad, x, *rest, mask))
+    opcheck_fake_quant_backward(fake_quant_opcheck_cases()[name], mask)
 
 
 def _compile_fn(x, s, a, sc, zp, off):

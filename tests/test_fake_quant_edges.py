@@ -3,23 +3,17 @@
 See test_fake_quant.py for what is compared against what."""
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
-import zlib
 
 import pytest
 import torch
-from torch._prims_common import is_non_overlapping_and_dense_or_false as is_dense
-from torch.utils._python_dispatch import TorchDispatchMode
 
-import q2ext
 from q2ext import ops
-from q2ext import reference as R
-from q2ext._ops import MODE_AFFINE, MODE_PACT
+from q2ext.reference import fake_quant as R
+from q2ext._ops.fake_quant import MODE_AFFINE, MODE_PACT
 
-from fake_quant_helpers import *  # noqa: F401,F403  (shared case model and checks)
-from fake_quant_helpers import _describe  # noqa: F401
+from helpers import *  # noqa: F401,F403  (shared case model and checks)
+from helpers import _describe  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- adversarial

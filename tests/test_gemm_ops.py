@@ -1,12 +1,12 @@
-"""int8/int4 GEMM ops (issue #6) against q2ext/gemm_reference.py on every CPU path."""
+"""int8/int4 GEMM ops against q2ext/reference/gemm.py on every CPU path."""
 import pytest
 import torch
 
 import q2ext
-from q2ext import gemm
-from q2ext import gemm_reference as ref
+from q2ext import ops as gemm
+from q2ext.reference import gemm as ref
 
-from gemm_helpers import _ints, opcheck_cases  # noqa: E402  (tests/ is on sys.path)
+from helpers import ints as _ints, opcheck_cases  # noqa: E402  (tests/ is on sys.path)
 
 ops = torch.ops.q2ext
 

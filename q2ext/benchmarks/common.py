@@ -14,6 +14,8 @@ import statistics
 import torch
 from torch.utils import benchmark
 
+from .._ext import cpu_isa
+
 
 def machine_info() -> str:
     cpu = platform.processor() or "unknown CPU"
@@ -25,8 +27,6 @@ def machine_info() -> str:
                     break
     except OSError:
         pass
-    from .. import cpu_isa
-
     gpu = ""
     if torch.cuda.is_available():
         gpu = f", GPU {torch.cuda.get_device_name()}"

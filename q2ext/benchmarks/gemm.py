@@ -1,4 +1,4 @@
-"""Int8/int4 GEMM benchmark (issue #6): q2ext's W8A8 and W4A16 kernels against fp32/bf16
+"""Int8/int4 GEMM benchmark: q2ext's W8A8 and W4A16 kernels against fp32/bf16
 F.linear, the composite torch._int_mm path (separate quantize / int GEMM / dequantize
 ops), torch._weight_int8pack_mm and torch._weight_int4pack_mm_for_cpu, all in one run.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import gemm
+from .. import ops
 from .common import interleaved_medians, machine_info, median_seconds, print_table
 
 W8_SHAPES = [(1024, 1024, 1024), (4096, 256, 1024)]
@@ -44,9 +44,9 @@ def bench_w8a8(shapes, min_run_time):
         w_scale = w.abs().amax(dim=1) / 127
         w_q = torch.round(w / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
         x_scale = torch.tensor([x.abs().max().item() / 127])
-        w_packed = gemm.pack_int8_weight(w_q)
+        w_packed = ops.pack_int8_weight(w_q)
         w_t = w_q.t()  # _int_mm wants [K, N]; this column-major view is its fast layout
-        a_q, _ = gemm.quantize_activation(x, x_scale)
+        a_q, _ = ops.quantize_activation(x, x_scale)
         ops_count = 2.0 * m * n * k
         xb, wb = x.bfloat16(), w.bfloat16()
         cases = [
@@ -55,11 +55,11 @@ def bench_w8a8(shapes, min_run_time):
             ("torch._int_mm composite (quant+mm+dequant)", lambda: _int_mm_composite(x, x_scale, w_t, w_scale, bias)),
             ("torch._int_mm only (int8 in, int32 out)", lambda: torch._int_mm(a_q, w_t)),
             ("torch._weight_int8pack_mm (fp32 x)", lambda: torch._weight_int8pack_mm(x, w_q, w_scale)),
-            ("q2ext w8a8_mm only (int8 in, fp32 out)", lambda: gemm.w8a8_mm(a_q, w_q, x_scale, w_scale, bias)),
+            ("q2ext w8a8_mm only (int8 in, fp32 out)", lambda: ops.w8a8_mm(a_q, w_q, x_scale, w_scale, bias)),
             ("q2ext w8a8_linear end to end (fp32 in/out)",
-             lambda: gemm.w8a8_linear(x, w_packed, w_scale, x_scale, bias)),
+             lambda: ops.w8a8_linear(x, w_packed, w_scale, x_scale, bias)),
             ("q2ext w8a8_linear end to end (bf16 in/out)",
-             lambda: gemm.w8a8_linear(xb, w_packed, w_scale, x_scale, bias)),
+             lambda: ops.w8a8_linear(xb, w_packed, w_scale, x_scale, bias)),
         ]
         ts = interleaved_medians([fn for _, fn in cases], min_run_time)
         for (name, _), t in zip(cases, ts):
@@ -77,9 +77,9 @@ def bench_w4a16(shapes, min_run_time):
         zeros = torch.randn(k // GROUP, n, generator=g) * 1e-3
         x = torch.randn(m, k, generator=g)
         xb = x.bfloat16()
-        w = gemm.dequantize_int4(gemm.pack_int4(q), scales, zeros, GROUP)
+        w = ops.dequantize_int4(ops.pack_int4(q), scales, zeros, GROUP)
         wb = w.bfloat16()
-        packed = gemm.pack_int4(q)
+        packed = ops.pack_int4(q)
         t_packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
         sz = torch.stack([scales, zeros], dim=-1)  # [K/g, N, 2], same (q - 8) * s + z convention
         sz_b = sz.bfloat16()
@@ -89,8 +89,8 @@ def bench_w4a16(shapes, min_run_time):
             ("bf16 F.linear (dequantized weight)", lambda: F.linear(xb, wb)),
             ("torch int4pack_mm_for_cpu (bf16 x)", lambda: torch._weight_int4pack_mm_for_cpu(xb, t_packed, GROUP, sz_b)),
             ("torch int4pack_mm_for_cpu (fp32 x)", lambda: torch._weight_int4pack_mm_for_cpu(x, t_packed, GROUP, sz)),
-            ("q2ext w4a16_mm (bf16 x)", lambda: gemm.w4a16_mm(xb, packed, scales, zeros, GROUP)),
-            ("q2ext w4a16_mm (fp32 x)", lambda: gemm.w4a16_mm(x, packed, scales, zeros, GROUP)),
+            ("q2ext w4a16_mm (bf16 x)", lambda: ops.w4a16_mm(xb, packed, scales, zeros, GROUP)),
+            ("q2ext w4a16_mm (fp32 x)", lambda: ops.w4a16_mm(x, packed, scales, zeros, GROUP)),
         ]
         ts = interleaved_medians([fn for _, fn in cases], min_run_time)
         for (name, _), t in zip(cases, ts):
@@ -149,15 +149,15 @@ def run_cuda(quick: bool = False, min_run_time: float = 0.5):
         w_q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).to(dev)
         w_scale, bias = torch.rand(n, device=dev) * 0.01, torch.randn(n, device=dev)
         x_scale = torch.tensor([0.02], device=dev)
-        a_q, _ = gemm.quantize_activation(x, x_scale)
-        w_packed, w_t = gemm.pack_int8_weight(w_q), w_q.t()
+        a_q, _ = ops.quantize_activation(x, x_scale)
+        w_packed, w_t = ops.pack_int8_weight(w_q), w_q.t()
         xb, wb = x.bfloat16(), (w_q.float() * w_scale[:, None]).bfloat16()
         cases = [
             ("bf16 F.linear (cuBLAS)", lambda: F.linear(xb, wb)),
             ("torch._int_mm (cuBLAS int8 -> int32)", lambda: torch._int_mm(a_q, w_t)),
-            ("q2ext w8a8_mm (int8 -> int32)", lambda: gemm.w8a8_mm(a_q, w_q, x_scale, w_scale, out_dtype=torch.int32)),
-            ("q2ext w8a8_mm (int8 -> fp32, fused epilogue)", lambda: gemm.w8a8_mm(a_q, w_q, x_scale, w_scale, bias)),
-            ("q2ext w8a8_linear end to end (bf16 in/out)", lambda: gemm.w8a8_linear(xb, w_packed, w_scale, None, bias)),
+            ("q2ext w8a8_mm (int8 -> int32)", lambda: ops.w8a8_mm(a_q, w_q, x_scale, w_scale, out_dtype=torch.int32)),
+            ("q2ext w8a8_mm (int8 -> fp32, fused epilogue)", lambda: ops.w8a8_mm(a_q, w_q, x_scale, w_scale, bias)),
+            ("q2ext w8a8_linear end to end (bf16 in/out)", lambda: ops.w8a8_linear(xb, w_packed, w_scale, None, bias)),
         ]
         rows += _cuda_rows(f"{m}x{n}x{k}", cases, 2.0 * m * n * k, min_run_time)
     out.append(print_table(rows, head))
@@ -167,10 +167,10 @@ def run_cuda(quick: bool = False, min_run_time: float = 0.5):
         q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
         scales = (torch.rand(k // GROUP, n, generator=g) * 0.01 + 1e-3).to(dev)
         zeros = (torch.randn(k // GROUP, n, generator=g) * 1e-3).to(dev)
-        packed = gemm.pack_int4(q).to(dev)
+        packed = ops.pack_int4(q).to(dev)
         x = torch.randn(m, k, generator=g).to(dev)
         xb = x.bfloat16()
-        wb = gemm.dequantize_int4(packed, scales, zeros, GROUP).bfloat16()
+        wb = ops.dequantize_int4(packed, scales, zeros, GROUP).bfloat16()
         try:
             t_w, t_sz = _int4_tinygemm(q.to(dev), scales, zeros)
             tiny = lambda: torch._weight_int4pack_mm(xb, t_w, GROUP, t_sz)  # noqa: E731
@@ -180,8 +180,8 @@ def run_cuda(quick: bool = False, min_run_time: float = 0.5):
         cases = [
             ("bf16 F.linear (dequantized weight)", lambda: F.linear(xb, wb)),
             ("torch._weight_int4pack_mm (tinygemm, bf16 x)", tiny),
-            ("q2ext w4a16_mm (bf16 x)", lambda: gemm.w4a16_mm(xb, packed, scales, zeros, GROUP)),
-            ("q2ext w4a16_mm (fp32 x)", lambda: gemm.w4a16_mm(x, packed, scales, zeros, GROUP)),
+            ("q2ext w4a16_mm (bf16 x)", lambda: ops.w4a16_mm(xb, packed, scales, zeros, GROUP)),
+            ("q2ext w4a16_mm (fp32 x)", lambda: ops.w4a16_mm(x, packed, scales, zeros, GROUP)),
         ]
         rows += _cuda_rows(f"{m}x{n}x{k} g{GROUP}", cases, 2.0 * m * n * k, min_run_time)
     out.append(print_table(rows, head))

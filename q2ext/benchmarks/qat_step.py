@@ -1,4 +1,4 @@
-"""W4A4 QAT training-step benchmark (issue #3): one forward + backward + SGD step.
+"""W4A4 QAT training-step benchmark: one forward + backward + SGD step.
 
 Models: torchvision ResNet-18 (batch 16, 3x96x96, 1000 classes) and a
 segmentation-models-pytorch U-Net with a ResNet-18 encoder (batch 8, 3x128x128, 2

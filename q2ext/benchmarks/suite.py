@@ -9,45 +9,36 @@ from __future__ import annotations
 import math
 import textwrap
 
+from . import ada_loss, fake_quant, gb_fusion, gemm, qat_step
 from .common import machine_info, print_table
 
-SUITES = ("fake_quant", "gbfusion", "ada", "gemm", "qat_step")
+SUITES = ("fake_quant", "gb_fusion", "ada_loss", "gemm", "qat_step")
 CPU_ONLY = ("gemm", "qat_step")  # the int GEMMs and the QAT-step models run on the CPU only
 
 
 def _fake_quant(quick, device):
-    from . import fake_quant
-
     _, recs = fake_quant.run(quick=quick, device=device)
     return [("fake quant", f"{r['case']} {r['pass_']}", r["baseline"], r["baseline_ms"], r["q2ext_ms"])
             for r in recs if r["baseline_ms"] is not None]
 
 
-def _gbfusion(quick, device):
-    from . import gbfusion
-
-    _, recs = gbfusion.run(quick=quick, device=device, compiled=not quick)
+def _gb_fusion(quick, device):
+    _, recs = gb_fusion.run(quick=quick, device=device, compiled=not quick)
     return [("Q-GBFusion", f"{r['case']} {r['dtype']} {r['layout']}", r["baseline"], r["baseline_ms"], r["q2ext_ms"])
             for r in recs]
 
 
-def _ada(quick, device):
-    from . import ada
-
-    _, recs = ada.run(quick=quick, device=device)
+def _ada_loss(quick, device):
+    _, recs = ada_loss.run(quick=quick, device=device)
     return [("Q-ADA", r["case"], "composite (PyTorch ops)", r["composite_ms"], r["q2ext_ms"]) for r in recs]
 
 
 def _gemm(quick, device):
-    from . import gemm
-
     _, recs = gemm.run(quick=quick)
     return [("int GEMM", r["case"], r["baseline"], r["baseline_ms"], r["q2ext_ms"]) for r in recs]
 
 
 def _qat_step(quick, device):
-    from . import qat_step
-
     _, _, recs = qat_step.run(quick=quick, compile_variants=not quick, profile=False)
     rows = []
     for model in dict.fromkeys(r["model"] for r in recs):
@@ -59,7 +50,8 @@ def _qat_step(quick, device):
     return rows
 
 
-_RUNNERS = {"fake_quant": _fake_quant, "gbfusion": _gbfusion, "ada": _ada, "gemm": _gemm, "qat_step": _qat_step}
+_RUNNERS = {"fake_quant": _fake_quant, "gb_fusion": _gb_fusion, "ada_loss": _ada_loss, "gemm": _gemm,
+            "qat_step": _qat_step}
 
 
 def run(quick: bool = False, device: str = "cpu", only=None):

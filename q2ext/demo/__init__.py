@@ -16,6 +16,7 @@ import importlib.util
 from pathlib import Path
 
 from .protocol import DemoConfig, quick_config, run
+from .report import table, write_all
 
 __all__ = ["DemoConfig", "quick_config", "run", "missing_dependencies", "main"]
 
@@ -29,8 +30,6 @@ def missing_dependencies() -> list:
 
 def main(cfg: DemoConfig, out_dir, progress: bool = True, log=print) -> dict:
     """Run the protocol, write results.json and the PNGs into out_dir, print the table."""
-    from .report import table, write_all
-
     missing = missing_dependencies()
     if missing:
         raise ImportError(f"q2ext demo needs {', '.join(missing)}: pip install q2ext[demo]")

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+from .deploy import table as deploy_table
 from .train import VARIANTS
 
 LABELS = {"fp32": "FP32", "qat": "{q}", "qat+gbf": "{q} + Q-GBFusion", "qat+gbf+ada": "{q} + Q-GBFusion + Q-ADA",
@@ -42,8 +43,6 @@ def table(results: dict) -> str:
                  f"of G_i = ||dL/dF_i||_2 (branch input, before alpha); averaged over the {cfg['depth']} nodes and "
                  f"the seeds.  Wall time {results['wall_seconds']:.0f} s on {results['threads']} threads.")
     if results.get("deploy"):
-        from .deploy import table as deploy_table
-
         lines.append(deploy_table(results["deploy"]))
     return "\n".join(lines)
 

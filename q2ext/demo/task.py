@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..qconfig import QConfig
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -72,6 +74,4 @@ class Task(ABC):
 
     def qconfig(self, bits: int, quantizer: str):
         """The QConfig of every QAT arm: W<bits>A<bits>, one activation-quantizer policy."""
-        import q2ext
-
-        return q2ext.QConfig(w_bits=bits, a_bits=bits, a_quantizer=quantizer)
+        return QConfig(w_bits=bits, a_bits=bits, a_quantizer=quantizer)

@@ -4,7 +4,7 @@
 Same schemas, semantics and output conventions as the C++ ops ``q2ext::fake_quant`` /
 ``q2ext::fake_quant_backward`` (see q2ext/_ops.py); the per-element arithmetic follows
 csrc/include/q2ext/fake_quant_math.h step by step so that the result is bit-identical
-to the C++ kernels and to q2ext/reference.py:
+to the C++ kernels and to q2ext/reference/fake_quant.py:
 
 * every product is rounded on its own: in compiled CUDA code through PTX ``mul.rn.f32``
   (inline assembly, as CUDA's ``__fmul_rn``; Triton enables FP fusion by default, and
@@ -36,15 +36,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch._prims_common import is_non_overlapping_and_dense_or_false as _is_dense
 
-from .._ops import (
+from .._ops.fake_quant import (
     FAKE_QUANT_BACKWARD_SCHEMA,
     FAKE_QUANT_SCHEMA,
     backward_outputs_like,
     check_fake_quant_args,
     fake_quant_backward_fake,
     fake_quant_fake,
+    is_non_overlapping_and_dense as _is_dense,
     make_fake_quant_autograd,
 )
 from ._common import I64_LIMIT, _div, _load_f32, _mul, _next_pow2, _to_storage, _use_rn, register_op

@@ -2,7 +2,7 @@
 ``q2ext::w4a16_mm_triton``.
 
 Same schemas, argument checks and semantics as ``q2ext::w8a8_mm`` / ``q2ext::w4a16_mm``
-(q2ext/_ops_gemm.py; numerics in q2ext/gemm_reference.py):
+(q2ext/_ops/gemm.py; numerics in q2ext/reference/gemm.py):
 
 * W8A8: int8 x int8 tiles through ``tl.dot`` with int32 accumulation (tensor cores on
   a GPU), then the fused epilogue ``((acc * a_scale) * b_scale) + bias``, ReLU, cast,
@@ -26,15 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .._ops_gemm import (
+from .._ops.gemm import (
     W4A16_MM_SCHEMA,
     W8A8_MM_SCHEMA,
     _w4a16_mm_fake,
     _w8a8_mm_fake,
     check_w4a16_mm,
     check_w8a8_mm,
+    unpack_int8_weight,
 )
-from .. import gemm_reference as _ref
 from ._common import I64_LIMIT, INTERPRET, _load_f32, _mul, _next_pow2, _to_storage, _use_rn, register_op
 
 __all__ = ["w8a8_mm_triton", "w4a16_mm_triton"]
@@ -208,7 +208,7 @@ def _w8a8_mm_triton(a, b, a_scale, b_scale, bias=None, out_dtype=None, relu=Fals
     od = check_w8a8_mm(a, b, a_scale, b_scale, bias, out_dtype, relu)
     m, k = a.shape
     if b.dim() == 4:  # pack_int8_weight output: this kernel tiles B [N, K] itself
-        b = _ref.unpack_int8_weight(b, b_scale.numel(), k)
+        b = unpack_int8_weight(b, b_scale.numel(), k)
     n = b.shape[0]
     out = torch.empty((m, n), dtype=od, device=a.device)
     if m == 0 or n == 0:

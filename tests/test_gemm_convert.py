@@ -1,0 +1,45 @@
+"""q2ext.convert: QAT model -> int8 model agrees with the fake-quant model."""
+import torch
+import torch.nn as nn
+
+from q2ext import convert
+from q2ext.nn import Int8Conv2d, Int8Linear
+from q2ext import prepare
+from q2ext.qconfig import QConfig
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_convert_w8a8_agrees_with_fake_quant():
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():  # non-trivial BN statistics
+        for bn in (net.bn1, net.bn2):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.1, 0.1)
+    x = torch.randn(64, 3, 16, 16)
+    qat = prepare(net, QConfig(w_bits=8, a_bits=8, a_quantizer="lsq"))
+    qat.eval()
+    with torch.no_grad():
+        qat(x)  # quantizer init
+        want = qat(x)
+        intm = convert(qat)
+        got = intm(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in intm.modules())  # folded
+    assert isinstance(intm.conv1, Int8Conv2d) and isinstance(intm.conv2, Int8Conv2d)
+    assert isinstance(intm.head, Int8Linear)
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.99
+    assert ((got - want).norm() / want.norm()) < 1e-4
