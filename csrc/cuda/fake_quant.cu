@@ -32,8 +32,7 @@
 
 #include "q2ext/fake_quant_args.h"
 
-namespace q2ext {
-namespace gpu {
+namespace q2ext::fake_quant::cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -44,7 +43,6 @@ constexpr int64_t kMinVecsPerLane = 4;     // runs: amortises the per-unit setup
 constexpr int64_t kMinRowsPerThread = 8;   // columns: keeps the partial buffer small
 constexpr int64_t kMaxRowsPerThread = 64;  // columns: bounds the fp32 partial sums
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <typename T, int V>
@@ -490,10 +488,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
 }
 
 }  // namespace
-}  // namespace gpu
-}  // namespace q2ext
+}  // namespace q2ext::fake_quant::cuda
 
 TORCH_LIBRARY_IMPL(q2ext, CUDA, m) {
-  m.impl("fake_quant", &q2ext::gpu::fake_quant_cuda);
-  m.impl("fake_quant_backward", &q2ext::gpu::fake_quant_backward_cuda);
+  m.impl("fake_quant", &q2ext::fake_quant::cuda::fake_quant_cuda);
+  m.impl("fake_quant_backward", &q2ext::fake_quant::cuda::fake_quant_backward_cuda);
 }

@@ -30,8 +30,7 @@
 #include "q2ext/gb_fusion_args.h"
 #include "q2ext/gb_fusion_math.h"
 
-namespace q2ext {
-namespace gpu_gb {
+namespace q2ext::gb_fusion::cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -54,8 +53,8 @@ __device__ __forceinline__ int64_t at_idx(const Params& P, int64_t n, int64_t c,
 }
 
 template <typename T>
-__device__ __forceinline__ typename GbAcc<T>::type ld(const void* base, int64_t i) {
-  return gb_load(static_cast<const T*>(base)[i]);
+__device__ __forceinline__ typename ComputeType<T>::type ld(const void* base, int64_t i) {
+  return to_compute(static_cast<const T*>(base)[i]);
 }
 
 // Calls f(co, h) for every fused channel of pixel (n, p), in channel order.
@@ -97,10 +96,10 @@ __device__ __forceinline__ void block_alpha(const float* src, bool softmax, int 
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(Params P, const float* __restrict lam,
-    float* __restrict alpha_out, const typename GbAcc<T>::type* __restrict w,
-    const typename GbAcc<T>::type* __restrict b, T* __restrict out, typename GbAcc<T>::type* __restrict mean_out,
-    typename GbAcc<T>::type* __restrict rstd_out, double eps) {
-  using A = typename GbAcc<T>::type;
+    float* __restrict alpha_out, const typename ComputeType<T>::type* __restrict w,
+    const typename ComputeType<T>::type* __restrict b, T* __restrict out, typename ComputeType<T>::type* __restrict mean_out,
+    typename ComputeType<T>::type* __restrict rstd_out, double eps) {
+  using A = typename ComputeType<T>::type;
   __shared__ float s_alpha[kGbMaxBranches];
   block_alpha(lam, true, P.k, s_alpha, alpha_out);
   const A inv_c = A(1) / static_cast<A>(P.c_out);
@@ -121,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params P, const float
     visit_h<T, A>(P, s_alpha, n, p, [&](int64_t co, A h) {
       A y = (h - mean) * rstd;
       if (w != nullptr) y = y * w[co] + b[co];
-      gb_store(y, &out[at_idx(P, n, co, p, P.c_out)]);
+      store_compute(y, &out[at_idx(P, n, co, p, P.c_out)]);
     });
     mean_out[q] = mean;
     rstd_out[q] = rstd;
@@ -130,10 +129,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params P, const float
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const float* __restrict alpha,
-    const T* __restrict grad, const typename GbAcc<T>::type* __restrict w,
-    const typename GbAcc<T>::type* __restrict mean_in, const typename GbAcc<T>::type* __restrict rstd_in,
+    const T* __restrict grad, const typename ComputeType<T>::type* __restrict w,
+    const typename ComputeType<T>::type* __restrict mean_in, const typename ComputeType<T>::type* __restrict rstd_in,
     double* __restrict partial) {
-  using A = typename GbAcc<T>::type;
+  using A = typename ComputeType<T>::type;
   __shared__ float s_alpha[kGbMaxBranches];
   __shared__ double s_red[kWarps][kGbMaxBranches];
   block_alpha(alpha, false, P.k, s_alpha, nullptr);
@@ -147,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const floa
     A m1 = A(0), m2 = A(0);
     visit_h<T, A>(P, s_alpha, n, p, [&](int64_t co, A h) {
       const A y = (h - mean) * rstd;
-      const A gy = gb_load(grad[at_idx(P, n, co, p, P.c_out)]) * (w != nullptr ? w[co] : A(1));
+      const A gy = to_compute(grad[at_idx(P, n, co, p, P.c_out)]) * (w != nullptr ? w[co] : A(1));
       m1 += gy;
       m2 += gy * y;
     });
@@ -161,9 +160,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const floa
         for (int64_t c = 0; c < P.c[i]; ++c) {
           const int64_t co = P.off[i] + c, xi = at_idx(P, n, c, p, P.c[i]);
           const A y = (al * ld<T>(P.x[i], xi) - mean) * rstd;
-          const A gy = gb_load(grad[at_idx(P, n, co, p, P.c_out)]) * (w != nullptr ? w[co] : A(1));
+          const A gy = to_compute(grad[at_idx(P, n, co, p, P.c_out)]) * (w != nullptr ? w[co] : A(1));
           const A d = al * gb_ln_grad<A>(gy, y, m1, m2, rstd);
-          gb_store(d, &static_cast<T*>(P.dx[i])[xi]);
+          store_compute(d, &static_cast<T*>(P.dx[i])[xi]);
           sq[i] += d * d;
         }
       }
@@ -174,13 +173,13 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const floa
 #pragma unroll
         for (int i = 0; i < kGbMaxBranches; ++i)
           if (i < P.k) h = h + static_cast<A>(s_alpha[i]) * ld<T>(P.x[i], xi);
-        const A gy = gb_load(grad[xi]) * (w != nullptr ? w[c] : A(1));
+        const A gy = to_compute(grad[xi]) * (w != nullptr ? w[c] : A(1));
         const A dh = gb_ln_grad<A>(gy, (h - mean) * rstd, m1, m2, rstd);
 #pragma unroll
         for (int i = 0; i < kGbMaxBranches; ++i) {
           if (i < P.k) {
             const A d = static_cast<A>(s_alpha[i]) * dh;
-            gb_store(d, &static_cast<T*>(P.dx[i])[xi]);
+            store_compute(d, &static_cast<T*>(P.dx[i])[xi]);
             sq[i] += d * d;
           }
         }
@@ -217,10 +216,10 @@ __global__ void finalize_kernel(const double* __restrict partial, int blocks, in
 // Optional affine LN: one block per fused channel reduces g*y and g over all pixels.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) affine_grad_kernel(Params P, const float* __restrict alpha,
-    const T* __restrict grad, const typename GbAcc<T>::type* __restrict mean_in,
-    const typename GbAcc<T>::type* __restrict rstd_in, typename GbAcc<T>::type* __restrict dw,
-    typename GbAcc<T>::type* __restrict db) {
-  using A = typename GbAcc<T>::type;
+    const T* __restrict grad, const typename ComputeType<T>::type* __restrict mean_in,
+    const typename ComputeType<T>::type* __restrict rstd_in, typename ComputeType<T>::type* __restrict dw,
+    typename ComputeType<T>::type* __restrict db) {
+  using A = typename ComputeType<T>::type;
   __shared__ double s_w[kWarps], s_b[kWarps];
   const int64_t co = blockIdx.x;
   int bi = 0;  // concat: the branch owning channel co
@@ -235,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) affine_grad_kernel(Params P, const f
     } else {
       for (int i = 0; i < P.k; ++i) h = h + static_cast<A>(alpha[i]) * ld<T>(P.x[i], at_idx(P, n, co, p, P.c_out));
     }
-    const A g = gb_load(grad[at_idx(P, n, co, p, P.c_out)]);
+    const A g = to_compute(grad[at_idx(P, n, co, p, P.c_out)]);
     sw += static_cast<double>(g * ((h - mean_in[q]) * rstd_in[q]));
     sb += static_cast<double>(g);
   }
@@ -275,49 +274,20 @@ int grid_for(int64_t total, int device) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t(sm_count(device)) * kBlocksPerSm)));
 }
 
-using gb::check_vec;
-at::ScalarType acc_of(const at::Tensor& x) { return gb::acc_type(x); }
-
-// Validates the branches and makes them dense in branches[0]'s layout.
-Params make_params(const at::TensorList& branches, int64_t mode, std::vector<at::Tensor>& dense) {
-  TORCH_CHECK(mode == kGbConcat || mode == kGbAdd, "q2ext gb_fusion: mode must be 0 (concat) or 1 (add), got ", mode);
-  const int64_t k = static_cast<int64_t>(branches.size());
-  TORCH_CHECK(k >= 2, "q2ext gb_fusion: branches must hold at least 2 tensors, got ", k);
-  TORCH_CHECK(k <= kGbMaxBranches, "q2ext gb_fusion: branches holds ", k, " tensors; at most ", kGbMaxBranches,
-              " are supported");
-  const at::Tensor& x0 = branches[0];
-  TORCH_CHECK(x0.dim() == 4, "q2ext gb_fusion: branches[0] must be 4-D (N, C, H, W), got ", x0.sizes());
-  const auto st = x0.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
-              "q2ext gb_fusion: branches[0] must be float32/16, bfloat16 or float64, got ", st);
+// The kernels' view of the validated branches (check_branches keeps the dense copies).
+Params make_params(const BranchLayout& L, const at::Tensor& x0, int64_t mode) {
   Params P{};
-  P.nhwc = x0.is_contiguous(at::MemoryFormat::ChannelsLast) && !x0.is_contiguous();
-  const auto fmt = P.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  P.k = static_cast<int>(k);
+  P.nhwc = L.nhwc;
+  P.k = static_cast<int>(L.k);
   P.mode = static_cast<int>(mode);
   P.hw = x0.size(2) * x0.size(3);
   P.total = x0.size(0) * P.hw;
-  int64_t c = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    const at::Tensor& x = branches[i];
-    TORCH_CHECK(x.dim() == 4, "q2ext gb_fusion: branches[", i, "] must be 4-D, got ", x.sizes());
-    const char* dims = "NCHW";
-    for (int d : {0, 2, 3})
-      TORCH_CHECK(x.size(d) == x0.size(d), "q2ext gb_fusion: branches[", i, "] has ", dims[d], "=", x.size(d),
-                  " but branches[0] has ", dims[d], "=", x0.size(d));
-    TORCH_CHECK(x.scalar_type() == st, "q2ext gb_fusion: branches[", i, "] is ", x.scalar_type(),
-                " but branches[0] is ", st);
-    TORCH_CHECK(x.device() == x0.device(), "q2ext gb_fusion: branches[", i, "] is on ", x.device(),
-                " but branches[0] is on ", x0.device());
-    TORCH_CHECK(mode != kGbAdd || x.size(1) == x0.size(1), "q2ext gb_fusion: mode add needs equal channels: branches[",
-                i, "] has C=", x.size(1), ", branches[0] has C=", x0.size(1));
-    dense.push_back(x.contiguous(fmt));
-    P.x[i] = dense.back().data_ptr();
-    P.c[i] = x.size(1);
-    P.off[i] = mode == kGbConcat ? c : 0;
-    c = mode == kGbConcat ? c + x.size(1) : x.size(1);
+  P.c_out = L.c_out;
+  for (int64_t i = 0; i < L.k; ++i) {
+    P.x[i] = L.dense[i].data_ptr();
+    P.c[i] = L.c[i];
+    P.off[i] = L.off[i];
   }
-  P.c_out = c;
   return P;
 }
 
@@ -334,13 +304,13 @@ void dispatch_dtype(at::ScalarType st, F&& f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cuda(
     at::TensorList branches, const at::Tensor& lam, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, int64_t mode, double eps) {
-  std::vector<at::Tensor> dense;
-  Params P = make_params(branches, mode, dense);
+  const BranchLayout L = check_branches(branches, mode);
   const at::Tensor& x0 = branches[0];
+  Params P = make_params(L, x0, mode);
   c10::cuda::CUDAGuard guard(x0.device());
-  const auto acc = acc_of(x0);
-  gb::check_forward_params(x0, lam, weight, bias, P.k, P.c_out, eps);
-  const auto fmt = P.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto acc = acc_type(x0);
+  check_forward_params(x0, lam, weight, bias, P.k, P.c_out, eps);
+  const auto fmt = L.format();
   at::Tensor out = at::empty({x0.size(0), P.c_out, x0.size(2), x0.size(3)}, x0.options(), fmt);
   at::Tensor mean = at::empty({x0.size(0), x0.size(2), x0.size(3)}, x0.options().dtype(acc));
   at::Tensor rstd = at::empty_like(mean);
@@ -356,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cud
   const int grid = grid_for(P.total, x0.get_device());
   dispatch_dtype(x0.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    using A = typename GbAcc<T>::type;
+    using A = typename ComputeType<T>::type;
     forward_kernel<T><<<grid, kThreads, 0, stream>>>(
         P, lam_c.data_ptr<float>(), alpha.data_ptr<float>(), w.defined() ? static_cast<const A*>(w.data_ptr()) : nullptr,
         b.defined() ? static_cast<const A*>(b.data_ptr()) : nullptr, static_cast<T*>(out.data_ptr()),
@@ -369,19 +339,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cud
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusion_backward_cuda(
     const at::Tensor& grad, at::TensorList branches, const at::Tensor& alpha, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd, int64_t mode, const std::optional<at::Tensor>& out) {
-  std::vector<at::Tensor> dense;
-  Params P = make_params(branches, mode, dense);
+  const BranchLayout L = check_branches(branches, mode);
   const at::Tensor& x0 = branches[0];
+  Params P = make_params(L, x0, mode);
   c10::cuda::CUDAGuard guard(x0.device());
   // The CUDA kernel recomputes y from the branches; `out` is only validated (see the header).
-  gb::check_backward_params(grad, x0, P.c_out, alpha, P.k, mean, rstd, weight, out);
-  const auto acc = acc_of(x0);
-  const auto fmt = P.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  check_backward_params(grad, x0, P.c_out, alpha, P.k, mean, rstd, weight, out);
+  const auto acc = acc_type(x0);
+  const auto fmt = L.format();
   at::Tensor gd = grad.contiguous(fmt), mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   at::Tensor alpha_c = alpha.contiguous();
   std::vector<at::Tensor> grads;
   for (int i = 0; i < P.k; ++i) {
-    grads.push_back(at::empty_like(dense[i], fmt));
+    grads.push_back(at::empty_like(L.dense[i], fmt));
     P.dx[i] = grads.back().data_ptr();
   }
   at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
@@ -393,7 +363,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusio
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(x0.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    using A = typename GbAcc<T>::type;
+    using A = typename ComputeType<T>::type;
     const A* wp = w.defined() ? static_cast<const A*>(w.data_ptr()) : nullptr;
     backward_kernel<T><<<grid, kThreads, 0, stream>>>(P, alpha_c.data_ptr<float>(), static_cast<const T*>(gd.data_ptr()),
                                                       wp, static_cast<const A*>(mean_c.data_ptr()),
@@ -413,7 +383,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusio
 
 void gb_fusion_update_cuda(const at::Tensor& lam, const at::Tensor& g_ema, const at::Tensor& g_sq,
                            const std::optional<at::Tensor>& tau, double beta, double eta, double eps, double lam_clip) {
-  const int64_t k = gb::check_update_args(lam, g_ema, g_sq, tau, lam_clip, kGbMaxBranches);
+  const int64_t k = check_update_args(lam, g_ema, g_sq, tau, lam_clip);
   c10::cuda::CUDAGuard guard(lam.device());
   at::Tensor gs = g_sq.contiguous();
   at::Tensor tc = tau.has_value() ? tau->contiguous() : at::Tensor();
@@ -425,11 +395,10 @@ void gb_fusion_update_cuda(const at::Tensor& lam, const at::Tensor& g_ema, const
 }
 
 }  // namespace
-}  // namespace gpu_gb
-}  // namespace q2ext
+}  // namespace q2ext::gb_fusion::cuda
 
 TORCH_LIBRARY_IMPL(q2ext, CUDA, m) {
-  m.impl("gb_fusion_forward", &q2ext::gpu_gb::gb_fusion_forward_cuda);
-  m.impl("gb_fusion_backward", &q2ext::gpu_gb::gb_fusion_backward_cuda);
-  m.impl("gb_fusion_update", &q2ext::gpu_gb::gb_fusion_update_cuda);
+  m.impl("gb_fusion_forward", &q2ext::gb_fusion::cuda::gb_fusion_forward_cuda);
+  m.impl("gb_fusion_backward", &q2ext::gb_fusion::cuda::gb_fusion_backward_cuda);
+  m.impl("gb_fusion_update", &q2ext::gb_fusion::cuda::gb_fusion_update_cuda);
 }

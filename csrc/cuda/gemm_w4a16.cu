@@ -1,6 +1,6 @@
 // CUDA kernel of q2ext::w4a16_mm: y = x @ w.T with w dequantised from pack_int4's layout,
 // w[n, k] = (q - 8) * scales[k / g, n] + zeros[k / g, n].  Semantics:
-// q2ext/gemm_reference.py; argument rules: gemm_args.h (shared with the CPU).
+// q2ext/reference/gemm.py; argument rules: gemm_args.h (shared with the CPU).
 //
 // Small M (<= kGemvMaxM, the decode regime) is memory bound: the kernel has to stream the
 // packed weight once at full bandwidth.  A block owns one 16-column block of the packed
@@ -26,17 +26,12 @@
 #include "q2ext/gemm_args.h"
 #include "q2ext/gemm_math.h"
 
-namespace q2ext {
-namespace gpu_gemm4 {
+namespace q2ext::gemm::cuda {
 namespace {
-
-using gemm::kNB4;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kGemvMaxM = 16;
-
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct W4Args {
   const void* x;  // [M, ldx] fp32 / bf16, unit column stride
@@ -55,7 +50,7 @@ __device__ __forceinline__ void load_group(const W4Args& a, int64_t g, int64_t n
   for (int j = 0; j < kNB4; ++j) {
     const int64_t n = n0 + j;
     s[j] = n < a.N ? __ldg(a.scales + g * a.N + n) : 0.0f;
-    z[j] = n < a.N ? gemm::w4_shifted_zero(s[j], __ldg(a.zeros + g * a.N + n)) : 0.0f;
+    z[j] = n < a.N ? w4_shifted_zero(s[j], __ldg(a.zeros + g * a.N + n)) : 0.0f;
   }
 }
 
@@ -66,8 +61,8 @@ __device__ __forceinline__ void fma_row(float (*acc)[kNB4], const float* xv, uin
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const uint32_t byte = ((j < 4 ? w0 : w1) >> (8 * (j & 3))) & 0xffu;
-    const float lo = gemm::w4_dequant(gemm::w4_lo(byte), s[j], z[j]);
-    const float hi = gemm::w4_dequant(gemm::w4_hi(byte), s[j + 8], z[j + 8]);
+    const float lo = w4_dequant(w4_lo(byte), s[j], z[j]);
+    const float hi = w4_dequant(w4_hi(byte), s[j + 8], z[j + 8]);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       acc[r][j] = fmaf(xv[r], lo, acc[r][j]);
@@ -155,17 +150,17 @@ __global__ void dequant_kernel(const W4Args a, float* w) {
   const int64_t n_lo = b * kNB4 + j, n_hi = n_lo + 8;
   if (n_lo < a.N) {
     const float s = a.scales[g * a.N + n_lo];
-    w[n_lo * a.K + k] = gemm::w4_dequant(gemm::w4_lo(byte), s, gemm::w4_shifted_zero(s, a.zeros[g * a.N + n_lo]));
+    w[n_lo * a.K + k] = w4_dequant(w4_lo(byte), s, w4_shifted_zero(s, a.zeros[g * a.N + n_lo]));
   }
   if (n_hi < a.N) {
     const float s = a.scales[g * a.N + n_hi];
-    w[n_hi * a.K + k] = gemm::w4_dequant(gemm::w4_hi(byte), s, gemm::w4_shifted_zero(s, a.zeros[g * a.N + n_hi]));
+    w[n_hi * a.K + k] = w4_dequant(w4_hi(byte), s, w4_shifted_zero(s, a.zeros[g * a.N + n_hi]));
   }
 }
 
 at::Tensor w4a16_mm_cuda(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& scales,
                          const at::Tensor& zeros, int64_t group_size) {
-  const int64_t N = gemm::check_w4a16_mm(x, w_packed, scales, zeros, group_size);
+  const int64_t N = check_w4a16_mm(x, w_packed, scales, zeros, group_size);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor out = at::empty({M, N}, x.options());
@@ -204,7 +199,6 @@ at::Tensor w4a16_mm_cuda(const at::Tensor& x, const at::Tensor& w_packed, const 
 }
 
 }  // namespace
-}  // namespace gpu_gemm4
-}  // namespace q2ext
+}  // namespace q2ext::gemm::cuda
 
-TORCH_LIBRARY_IMPL(q2ext, CUDA, m) { m.impl("w4a16_mm", &q2ext::gpu_gemm4::w4a16_mm_cuda); }
+TORCH_LIBRARY_IMPL(q2ext, CUDA, m) { m.impl("w4a16_mm", &q2ext::gemm::cuda::w4a16_mm_cuda); }

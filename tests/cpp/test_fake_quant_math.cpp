@@ -1,4 +1,4 @@
-// C++-level checks of csrc/include/q2ext/fake_quant_math.h against independent
+// C++-level checks of csrc/include/q2ext/numerics.h and fake_quant_math.h against independent
 // oracles: std::nearbyint for rounding, the compiler's _Float16 for half conversion,
 // and exhaustive round trips of every 16-bit pattern.  Run by ctest (CMakeLists.txt).
 #include <cmath>
@@ -9,6 +9,7 @@
 #include "q2ext/fake_quant_math.h"
 
 using namespace q2ext;
+using namespace q2ext::fake_quant;
 
 static int failures = 0;
 #define EXPECT(cond, ...)                 \

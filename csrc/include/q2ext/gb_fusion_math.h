@@ -1,41 +1,22 @@
 // Per-element and per-node math of Q-GBFusion, shared by the CPU kernels (every ISA
-// path) and the CUDA kernels.  Semantics: q2ext/gbfusion_reference.py.
+// path) and the CUDA kernels.  Semantics: q2ext/reference/gb_fusion.py.
 //
-// Storage types reuse fake_quant_math.h's bf16_t/f16_t conversions (round to nearest
-// even, branch-free, identical on every path).  The compute type is float for
-// fp32/fp16/bf16 branches and double for fp64 branches (so gradcheck runs on the
-// kernels themselves).  Everything is static (internal linkage) for the same reason as
-// in fake_quant_math.h: the CPU code inlines it into ISA-specific functions.
+// Storage and compute types are numerics.h's (ComputeType: float for fp32/fp16/bf16
+// branches, double for fp64 ones).  Everything is static (internal linkage) for the
+// reason given in numerics.h: the CPU code inlines it into ISA-specific functions.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
-#include "q2ext/fake_quant_math.h"
+#include "q2ext/numerics.h"
 
 namespace q2ext {
+namespace gb_fusion {
 
-// Fusion modes (keep in sync with q2ext/gbfusion_reference.py).
+// Fusion modes (keep in sync with MODE_CONCAT / MODE_ADD of q2ext/reference/gb_fusion.py).
 enum : int64_t { kGbConcat = 0, kGbAdd = 1 };
 constexpr int kGbMaxBranches = 16;
-
-template <typename T>
-struct GbAcc {
-  using type = float;
-};
-template <>
-struct GbAcc<double> {
-  using type = double;
-};
-
-Q2_HD float gb_load(float v) { return v; }
-Q2_HD float gb_load(bf16_t v) { return to_f32(v); }
-Q2_HD float gb_load(f16_t v) { return to_f32(v); }
-Q2_HD double gb_load(double v) { return v; }
-Q2_HD void gb_store(float v, float* o) { *o = v; }
-Q2_HD void gb_store(float v, bf16_t* o) { from_f32(v, o); }
-Q2_HD void gb_store(float v, f16_t* o) { from_f32(v, o); }
-Q2_HD void gb_store(double v, double* o) { *o = v; }
 
 // rstd = 1 / sqrt(sum_sq / C + eps): the biased variance, as LayerNorm.
 Q2_HD float gb_rstd(float sum_sq, float inv_c, float eps) {
@@ -93,4 +74,5 @@ Q2_HD void gb_update_law(float* lam, float* g_ema, const float* g_sq, const floa
   }
 }
 
+}  // namespace gb_fusion
 }  // namespace q2ext
