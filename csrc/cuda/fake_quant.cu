@@ -13,8 +13,9 @@
 // All per-element math is fake_quant_math.h, the code the CPU kernels (and tests) run.
 //
 // Determinism: no atomics.  The partition depends only on the tensor geometry and the
-// device (SM count, occupancy); every unit writes its (scale, clip) sums to its own slot
-// of a partial buffer and finalize_kernel adds a channel's slots in a fixed order.
+// device (SM count, occupancy: cached per device, device_cache.cuh); every unit writes its
+// (scale, clip) sums to its own slot of a partial buffer and finalize_kernel adds a
+// channel's slots in a fixed order.
 // Accuracy: fp32 sums only within one vector (runs) or over at most kMaxRowsPerThread
 // rows (columns, like the CPU's row blocks); double from there on.
 #include <c10/cuda/CUDAException.h>
@@ -30,6 +31,7 @@
 #include <numeric>
 #include <type_traits>
 
+#include "device_cache.cuh"
 #include "q2ext/fake_quant_args.h"
 
 namespace q2ext::fake_quant::cuda {
@@ -351,12 +353,8 @@ Plan launch_v(Args<T> a, at::Tensor* partial, cudaStream_t st) {
     else return runs_kernel<T, V, kBwd, kMode>;
   }();
   const int device = c10::cuda::current_device();
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const auto waves_of = [&](int block) {  // resident blocks of that size, whole device
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block, 0));
-    return int64_t{std::max(per_sm, 1)} * sms;
+    return int64_t{kernel_blocks_per_sm(kernel, block, device)} * device_sm_count(device);
   };
   const Plan pl = make_plan(a, kColumns, V, waves_of);
   TORCH_CHECK(pl.blocks < (int64_t{1} << 31), "q2ext fake quant (CUDA): tensor too large");

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "device_cache.cuh"
 #include "q2ext/gb_fusion_args.h"
 #include "q2ext/gb_fusion_math.h"
 
@@ -260,18 +261,9 @@ __global__ void update_kernel(float* lam, float* g_ema, const float* g_sq, const
 
 // ---------------------------------------------------------------- host side
 
-int sm_count(int device) {
-  static int cache[64] = {0};
-  if (device < 64 && cache[device] > 0) return cache[device];
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device < 64) cache[device] = n;
-  return n;
-}
-
 int grid_for(int64_t total, int device) {
   const int64_t want = (total + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t(sm_count(device)) * kBlocksPerSm)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t(device_sm_count(device)) * kBlocksPerSm)));
 }
 
 // The kernels' view of the validated branches (check_branches keeps the dense copies).

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "device_cache.cuh"
 #include "gemm_w8a8_kernels.cuh"
 #include "q2ext/gemm_args.h"
 
@@ -80,17 +81,7 @@ __global__ void quantize_kernel(const QuantArgs a) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-int sm_count(int device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
-bool has_int8_mma(int device) {
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 8;
-}
+bool has_int8_mma(int device) { return device_cc_major(device) >= 8; }
 
 // Quantises x into q ([M, >= K] bytes, row stride q.stride(0)); returns the scales.
 at::Tensor quantize_into(const at::Tensor& x, const std::optional<at::Tensor>& scale,
@@ -128,7 +119,7 @@ void launch_gemm(const GemmArgs& g, int device, cudaStream_t st) {
   const int64_t bx = ceil_div(g.N, 32), by = ceil_div(g.M, kDpRows);
   TORCH_CHECK(by <= 65535, "q2ext.w8a8: M too large for the dp4a path");
   // Enough blocks for ~4 waves, but at least kMinQuadsPerSplit quads per split.
-  const int64_t want = ceil_div(4 * sm_count(device), bx * by);
+  const int64_t want = ceil_div(4 * device_sm_count(device), bx * by);
   int64_t splits = std::clamp<int64_t>(want, 1, std::max<int64_t>(1, g.kq / kMinQuadsPerSplit));
   const int64_t qps = std::max<int64_t>(1, ceil_div(g.kq, splits));
   splits = std::max<int64_t>(1, ceil_div(g.kq, qps));
