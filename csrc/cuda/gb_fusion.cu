@@ -4,16 +4,20 @@
 // neighbouring threads read neighbouring pixels of a channel plane, so every load is
 // coalesced.  In channels_last each thread reads its own contiguous channel row; the
 // sectors it touches are reused from L1 on the following channels (a warp-per-pixel
-// variant would coalesce better and is the next step if profiles ask for it).
+// variant would coalesce better).
 //
-// Forward: one read of the branches for shifted sums (shift = the pixel's first fused
-// value, which keeps sum/sum-of-squares well conditioned), one more read to normalise and
-// write.  Backward: one read for the two channel means of the LN gradient, one to write
-// every branch gradient, accumulating ||dx_i||^2 per thread in registers (branch loops
-// are unrolled to kGbMaxBranches with a guard so the array stays in registers).
+// Forward: one read of the branches for the pixel's statistics (gb_moments_*: sums shifted
+// by the pixel's first fused value and accumulated in double, which stays accurate when
+// that value is an outlier; the CPU tests run the same header code), one more read to
+// normalise and write.  Backward: one read for the two channel means of the LN gradient,
+// one to write every branch gradient, accumulating ||dx_i||^2 per thread in double
+// registers (branch loops are unrolled to kGbMaxBranches with a guard so the array stays
+// in registers).  The optional affine gradients (dweight, dbias) are sums over all pixels
+// per channel: a 2-D grid of (channel tile, pixel slice) blocks, laid out so that loads
+// coalesce in either layout, and a finalize kernel over the slices.
 //
-// No atomics and no host sync: each block reduces its squares in a fixed shuffle/shared
-// order into its own slot of a partial buffer, a one-block kernel adds the slots in order
+// No atomics and no host sync: each block reduces its sums in a fixed shuffle/shared
+// order into its own slot of a partial buffer, a small kernel adds the slots in order
 // (deterministic for a given device), and gb_fusion_update runs the controller law in a
 // one-thread kernel on the same stream.  alpha = softmax(lam) is computed per block from
 // lam on the device.  The per-element math is gb_fusion_math.h, shared with the CPU.
@@ -103,21 +107,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params P, const float
   using A = typename ComputeType<T>::type;
   __shared__ float s_alpha[kGbMaxBranches];
   block_alpha(lam, true, P.k, s_alpha, alpha_out);
-  const A inv_c = A(1) / static_cast<A>(P.c_out);
   for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < P.total; q += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = q / P.hw, p = q % P.hw;
-    A shift = A(0), s1 = A(0), s2 = A(0);
-    visit_h<T, A>(P, s_alpha, n, p, [&](int64_t co, A h) {
-      if (co == 0) shift = h;
-      const A d = h - shift;
-      s1 += d;
-      s2 += d * d;
-    });
-    const A m1 = s1 * inv_c;
-    A var = s2 * inv_c - m1 * m1;
-    var = var > A(0) ? var : A(0);
-    const A mean = shift + m1;
-    const A rstd = A(1) / sqrt(var + static_cast<A>(eps));
+    GbMoments mom = gb_moments_init();
+    visit_h<T, A>(P, s_alpha, n, p, [&](int64_t co, A h) { gb_moments_add(mom, static_cast<double>(h), co == 0); });
+    const GbStats<A> st = gb_moments_stats<A>(mom, P.c_out, eps);
+    const A mean = st.mean, rstd = st.rstd;
     visit_h<T, A>(P, s_alpha, n, p, [&](int64_t co, A h) {
       A y = (h - mean) * rstd;
       if (w != nullptr) y = y * w[co] + b[co];
@@ -138,9 +133,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const floa
   __shared__ double s_red[kWarps][kGbMaxBranches];
   block_alpha(alpha, false, P.k, s_alpha, nullptr);
   const A inv_c = A(1) / static_cast<A>(P.c_out);
-  A sq[kGbMaxBranches];
+  double sq[kGbMaxBranches];  // ||dx_i||^2: double across the grid-stride loop, like the CPU's sums
 #pragma unroll
-  for (int i = 0; i < kGbMaxBranches; ++i) sq[i] = A(0);
+  for (int i = 0; i < kGbMaxBranches; ++i) sq[i] = 0.0;
   for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < P.total; q += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = q / P.hw, p = q % P.hw;
     const A mean = mean_in[q], rstd = rstd_in[q];
@@ -164,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const floa
           const A gy = to_compute(grad[at_idx(P, n, co, p, P.c_out)]) * (w != nullptr ? w[co] : A(1));
           const A d = al * gb_ln_grad<A>(gy, y, m1, m2, rstd);
           store_compute(d, &static_cast<T*>(P.dx[i])[xi]);
-          sq[i] += d * d;
+          sq[i] += static_cast<double>(d) * static_cast<double>(d);
         }
       }
     } else {
@@ -181,7 +176,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const floa
           if (i < P.k) {
             const A d = static_cast<A>(s_alpha[i]) * dh;
             store_compute(d, &static_cast<T*>(P.dx[i])[xi]);
-            sq[i] += d * d;
+            sq[i] += static_cast<double>(d) * static_cast<double>(d);
           }
         }
       }
@@ -192,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const floa
 #pragma unroll
   for (int i = 0; i < kGbMaxBranches; ++i) {
     if (i >= P.k) break;
-    double v = static_cast<double>(sq[i]);
+    double v = sq[i];
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if (lane == 0) s_red[warp][i] = v;
   }
@@ -214,44 +209,63 @@ __global__ void finalize_kernel(const double* __restrict partial, int blocks, in
   if (lane == 0) g_sq[i] = static_cast<float>(v);
 }
 
-// Optional affine LN: one block per fused channel reduces g*y and g over all pixels.
+// Optional affine LN: dw[c] = sum over pixels of g * y, db[c] = sum of g.  Block (x, y) owns
+// `cols` fused channels and pixel slice y; thread t takes channel t % cols and every
+// (kThreads / cols)-th pixel of the slice from t / cols.  channels_last: cols = 32, so a
+// warp reads 32 consecutive channels of one pixel (one coalesced line); NCHW: cols = 1 and
+// the block's threads read consecutive pixels of the channel's plane.  Each block writes its
+// per-channel sums (double) to its own slot; affine_finalize_kernel adds the slices in order.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) affine_grad_kernel(Params P, const float* __restrict alpha,
     const T* __restrict grad, const typename ComputeType<T>::type* __restrict mean_in,
-    const typename ComputeType<T>::type* __restrict rstd_in, typename ComputeType<T>::type* __restrict dw,
-    typename ComputeType<T>::type* __restrict db) {
+    const typename ComputeType<T>::type* __restrict rstd_in, int cols, int64_t slice,
+    double* __restrict partial) {
   using A = typename ComputeType<T>::type;
-  __shared__ double s_w[kWarps], s_b[kWarps];
-  const int64_t co = blockIdx.x;
-  int bi = 0;  // concat: the branch owning channel co
-  for (int i = 0; i < P.k; ++i)
-    if (P.mode == kGbConcat && co >= P.off[i]) bi = i;
+  __shared__ double s_w[kThreads], s_b[kThreads];
+  const int col = threadIdx.x % cols, row = threadIdx.x / cols, rows = kThreads / cols;
+  const int64_t co = static_cast<int64_t>(blockIdx.x) * cols + col;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * slice;
+  const int64_t q1 = q0 + slice < P.total ? q0 + slice : P.total;
   double sw = 0.0, sb = 0.0;
-  for (int64_t q = threadIdx.x; q < P.total; q += blockDim.x) {
-    const int64_t n = q / P.hw, p = q % P.hw;
-    A h = A(0);
-    if (P.mode == kGbConcat) {
-      h = static_cast<A>(alpha[bi]) * ld<T>(P.x[bi], at_idx(P, n, co - P.off[bi], p, P.c[bi]));
-    } else {
-      for (int i = 0; i < P.k; ++i) h = h + static_cast<A>(alpha[i]) * ld<T>(P.x[i], at_idx(P, n, co, p, P.c_out));
+  if (co < P.c_out) {
+    int bi = 0;  // concat: the branch owning channel co
+    for (int i = 1; i < P.k; ++i)
+      if (P.mode == kGbConcat && co >= P.off[i]) bi = i;
+    for (int64_t q = q0 + row; q < q1; q += rows) {
+      const int64_t n = q / P.hw, p = q % P.hw;
+      A h;  // the fused value, formed as visit_h forms it
+      if (P.mode == kGbConcat) {
+        h = static_cast<A>(alpha[bi]) * ld<T>(P.x[bi], at_idx(P, n, co - P.off[bi], p, P.c[bi]));
+      } else {
+        h = static_cast<A>(alpha[0]) * ld<T>(P.x[0], at_idx(P, n, co, p, P.c_out));
+        for (int i = 1; i < P.k; ++i) h = h + static_cast<A>(alpha[i]) * ld<T>(P.x[i], at_idx(P, n, co, p, P.c_out));
+      }
+      const A g = to_compute(grad[at_idx(P, n, co, p, P.c_out)]);
+      sw += static_cast<double>(g * ((h - mean_in[q]) * rstd_in[q]));
+      sb += static_cast<double>(g);
     }
-    const A g = to_compute(grad[at_idx(P, n, co, p, P.c_out)]);
-    sw += static_cast<double>(g * ((h - mean_in[q]) * rstd_in[q]));
-    sb += static_cast<double>(g);
   }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int o = 16; o > 0; o >>= 1) {
-    sw += __shfl_xor_sync(0xffffffffu, sw, o);
-    sb += __shfl_xor_sync(0xffffffffu, sb, o);
-  }
-  if (lane == 0) s_w[warp] = sw, s_b[warp] = sb;
+  s_w[threadIdx.x] = sw;
+  s_b[threadIdx.x] = sb;
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (row == 0 && co < P.c_out) {  // the rows of one channel, in a fixed order
     double tw = 0.0, tb = 0.0;
-    for (int wi = 0; wi < kWarps; ++wi) tw += s_w[wi], tb += s_b[wi];
-    dw[co] = static_cast<A>(tw);
-    db[co] = static_cast<A>(tb);
+    for (int r = 0; r < rows; ++r) tw += s_w[r * cols + col], tb += s_b[r * cols + col];
+    double* out = partial + 2 * (static_cast<int64_t>(blockIdx.y) * P.c_out + co);
+    out[0] = tw;
+    out[1] = tb;
   }
+}
+
+template <typename A>
+__global__ void affine_finalize_kernel(const double* __restrict partial, int64_t slices, int64_t c_out,
+                                       A* __restrict dw, A* __restrict db) {
+  const int64_t co = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (co >= c_out) return;
+  double tw = 0.0, tb = 0.0;
+  for (int64_t y = 0; y < slices; ++y) tw += partial[2 * (y * c_out + co)], tb += partial[2 * (y * c_out + co) + 1];
+  dw[co] = static_cast<A>(tw);
+  db[co] = static_cast<A>(tb);
 }
 
 __global__ void update_kernel(float* lam, float* g_ema, const float* g_sq, const float* tau, int k, float beta,
@@ -264,6 +278,27 @@ __global__ void update_kernel(float* lam, float* g_ema, const float* g_sq, const
 int grid_for(int64_t total, int device) {
   const int64_t want = (total + kThreads - 1) / kThreads;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t(device_sm_count(device)) * kBlocksPerSm)));
+}
+
+// Grid of affine_grad_kernel: channel tiles x pixel slices, about kBlocksPerSm blocks per
+// SM in all, each thread with at least kAffineMinPixels pixels to sum.
+struct AffinePlan {
+  int cols;
+  int64_t tiles, slices, slice;
+};
+
+AffinePlan affine_plan(const Params& P, int64_t channels, int device) {
+  constexpr int64_t kAffineMinPixels = 16;
+  AffinePlan ap;
+  ap.cols = P.nhwc ? 32 : 1;
+  ap.tiles = ceil_div(channels, ap.cols);
+  const int64_t rows = kThreads / ap.cols;
+  const int64_t want = ceil_div(int64_t(device_sm_count(device)) * kBlocksPerSm, ap.tiles);
+  const int64_t most = std::max<int64_t>(1, ceil_div(P.total, rows * kAffineMinPixels));
+  const int64_t slices = std::clamp<int64_t>(want, 1, std::min<int64_t>(most, 65535));
+  ap.slice = std::max<int64_t>(1, ceil_div(P.total, slices));
+  ap.slices = std::max<int64_t>(1, ceil_div(P.total, ap.slice));
+  return ap;
 }
 
 // The kernels' view of the validated branches (check_branches keeps the dense copies).
@@ -364,9 +399,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusio
     finalize_kernel<<<1, 32 * P.k, 0, stream>>>(partial.data_ptr<double>(), grid, P.k, g_sq.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (cw > 0) {
-      affine_grad_kernel<T><<<static_cast<unsigned>(cw), kThreads, 0, stream>>>(
-          P, alpha_c.data_ptr<float>(), static_cast<const T*>(gd.data_ptr()), static_cast<const A*>(mean_c.data_ptr()),
-          static_cast<const A*>(rstd_c.data_ptr()), static_cast<A*>(dw.data_ptr()), static_cast<A*>(db.data_ptr()));
+      const AffinePlan ap = affine_plan(P, cw, x0.get_device());
+      at::Tensor part = at::empty({ap.slices, cw, 2}, alpha.options().dtype(at::kDouble));
+      affine_grad_kernel<T><<<dim3(static_cast<unsigned>(ap.tiles), static_cast<unsigned>(ap.slices)), kThreads, 0,
+                              stream>>>(P, alpha_c.data_ptr<float>(), static_cast<const T*>(gd.data_ptr()),
+                                        static_cast<const A*>(mean_c.data_ptr()), static_cast<const A*>(rstd_c.data_ptr()),
+                                        ap.cols, ap.slice, part.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      affine_finalize_kernel<A><<<static_cast<unsigned>(ceil_div(cw, kThreads)), kThreads, 0, stream>>>(
+          part.data_ptr<double>(), ap.slices, cw, static_cast<A*>(dw.data_ptr()), static_cast<A*>(db.data_ptr()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -18,7 +18,54 @@ namespace gb_fusion {
 enum : int64_t { kGbConcat = 0, kGbAdd = 1 };
 constexpr int kGbMaxBranches = 16;
 
-// rstd = 1 / sqrt(sum_sq / C + eps): the biased variance, as LayerNorm.
+// ---------------------------------------------------------------- per-pixel statistics
+// Two passes (the CPU kernels, over a cached tile): mean = sum(h) / C, then
+// sum_sq = sum((h - mean)^2) and rstd below.  One pass (the CUDA kernel: a thread per
+// pixel, whose C values lie in C planes, so a second pass would read the branches again):
+// GbMoments, sums shifted by the pixel's first value and accumulated in double.  With
+// fp32 (or narrower) h, h - shift and its square are (nearly) exact in double, so
+// var = s2/C - m1^2 loses only the digits the cancellation takes from double's 53 bits:
+// when channel 0 is an outlier for its pixel both terms are ~ outlier^2, and fp32 sums
+// lost all of the variance's 24 bits.  (For fp64 storage the same sums keep ~16 -
+// log10(outlier^2 / var) digits.)
+struct GbMoments {
+  double shift, s1, s2;
+};
+
+Q2_HD GbMoments gb_moments_init() { return GbMoments{0.0, 0.0, 0.0}; }
+
+// Adds one fused value h of the pixel; `first` for its channel 0, which sets the shift
+// (0 when it is not finite, so that an infinity gives the reference's +-inf mean, not
+// inf - inf = NaN).
+Q2_HD void gb_moments_add(GbMoments& m, double h, bool first) {
+  if (first) m.shift = h - h == 0.0 ? h : 0.0;
+  const double d = h - m.shift;
+  m.s1 += d;
+  m.s2 += d * d;
+}
+
+template <typename A>
+struct GbStats {
+  A mean, rstd;
+};
+
+// mean and rstd = 1 / sqrt(var + eps) of the pixel's C values (biased variance, as
+// LayerNorm).  A variance that rounding made slightly negative is 0; a NaN one (a NaN or
+// an infinity among the values) stays NaN, so rstd is NaN like the reference's, not
+// 1 / sqrt(eps).
+template <typename A>
+Q2_HD GbStats<A> gb_moments_stats(const GbMoments& m, int64_t c, double eps) {
+  const double inv_c = 1.0 / static_cast<double>(c);
+  const double m1 = m.s1 * inv_c;
+  double var = m.s2 * inv_c - m1 * m1;
+  var = var < 0.0 ? 0.0 : var;
+  GbStats<A> s;
+  s.mean = static_cast<A>(m.shift + m1);
+  s.rstd = static_cast<A>(1.0 / sqrt(var + eps));
+  return s;
+}
+
+// rstd = 1 / sqrt(sum_sq / C + eps): the biased variance, as LayerNorm.  NaN stays NaN.
 Q2_HD float gb_rstd(float sum_sq, float inv_c, float eps) {
   return 1.0f / sqrtf(sum_sq * inv_c + eps);
 }
