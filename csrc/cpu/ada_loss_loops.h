@@ -66,11 +66,11 @@ Q2A_INLINE F row_max(const F* v, int64_t n) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
 #pragma GCC unroll 16
-    for (int l = 0; l < kLanes; ++l) acc[l] = acc[l] < v[i + l] ? v[i + l] : acc[l];
+    for (int l = 0; l < kLanes; ++l) acc[l] = max_nan(acc[l], v[i + l]);
   }
-  for (; i < n; ++i) acc[0] = acc[0] < v[i] ? v[i] : acc[0];
+  for (; i < n; ++i) acc[0] = max_nan(acc[0], v[i]);
   F m = acc[0];
-  for (int l = 1; l < kLanes; ++l) m = m < acc[l] ? acc[l] : m;
+  for (int l = 1; l < kLanes; ++l) m = max_nan(m, acc[l]);
   return m;
 }
 
@@ -164,12 +164,7 @@ Q2A_INLINE void forward_body(const Inputs<T>& in, const RowConfig& cfg, F* p_out
       divergence_terms<false>(ws, wt, p_out + off, n, static_cast<F>(zs), static_cast<F>(zt));
     }
     row_loss[row] = array_sum(ws, n);
-    F* sr = stats + row * kRowStats;
-    sr[0] = mu_s;
-    sr[1] = sg_s;
-    sr[2] = static_cast<F>(zs);
-    sr[3] = ms;
-    sr[4] = static_cast<F>(kl_rm);
+    store_row_stats(stats + row * kRowStats, mu_s, sg_s, zs, ms, kl_rm);
   }
 }
 

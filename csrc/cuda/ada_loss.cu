@@ -56,19 +56,17 @@ __device__ __forceinline__ double block_sum(double v, double* sh) {
   return r;
 }
 
+// Block-wide maximum that propagates NaN (max_nan), as the reference's amax.
 template <typename F>
 __device__ __forceinline__ F block_max(F v, double* sh) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const F u = __shfl_down_sync(0xffffffffu, v, o);
-    v = u > v ? u : v;
-  }
+  for (int o = 16; o > 0; o >>= 1) v = max_nan(v, static_cast<F>(__shfl_down_sync(0xffffffffu, v, o)));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) sh[warp] = static_cast<double>(v);
   __syncthreads();
   if (threadIdx.x == 0) {
     double t = sh[0];
-    for (int w = 1; w < kWarps; ++w) t = sh[w] > t ? sh[w] : t;
+    for (int w = 1; w < kWarps; ++w) t = max_nan(t, sh[w]);
     sh[kWarps] = t;
   }
   __syncthreads();
@@ -118,8 +116,8 @@ __global__ void __launch_bounds__(kThreads)
     F ls = -static_cast<F>(kInfF), lt = -static_cast<F>(kInfF);
     for (int64_t i = threadIdx.x; i < n; i += kThreads) {
       const F vs = score_s(i), vt = score_t(i);
-      ls = vs > ls ? vs : ls;
-      lt = vt > lt ? vt : lt;
+      ls = max_nan(ls, vs);
+      lt = max_nan(lt, vt);
     }
     ms = block_max(ls, sh);
     mt = block_max(lt, sh);
@@ -152,12 +150,7 @@ __global__ void __launch_bounds__(kThreads)
   loss = block_sum(loss, sh);
   kl_rm = block_sum(kl_rm, sh);
   if (threadIdx.x == 0) {
-    F* sr = stats + row * kRowStats;
-    sr[0] = mu_s;
-    sr[1] = sg_s;
-    sr[2] = static_cast<F>(zs);
-    sr[3] = ms;
-    sr[4] = static_cast<F>(kl_rm);
+    store_row_stats(stats + row * kRowStats, mu_s, sg_s, zs, ms, kl_rm);
     row_loss[row] = loss;
   }
 }

@@ -30,6 +30,13 @@ constexpr int kRowStats = 5;  // mu, sigma, sum of weights, max score, KL(R||M)
 
 Q2_HD float sel(bool c, float a, float b) { return select_f32(c, a, b); }
 Q2_HD double sel(bool c, double a, double b) { return c ? a : b; }
+
+// max(a, b) that propagates NaN, like torch.amax (the reference's max score): a row with a
+// NaN score has a NaN max, as stored in row_stats, on every backend.
+template <typename F>
+Q2_HD F max_nan(F a, F b) {
+  return sel((a < b) | (b != b), b, a);
+}
 Q2_HD float absval(float v) { return bits_f32(f32_bits(v) & 0x7fffffffu); }
 Q2_HD double absval(double v) { return fabs(v); }
 
@@ -179,8 +186,10 @@ Q2_HD DivTerm<F> js_term(F p, F r) {
   F y = (p - r) * inv;
   F lp = log1p_pair((p + p) * inv, y);
   F lr = log1p_pair((r + r) * inv, -y);
-  F tp = sel(p > F(0), p * lp, F(0));  // selects also drop the NaN of p = r = 0
-  F tr = sel(r > F(0), r * lr, F(0));
+  // 0 log 0 = 0: the selects drop the NaN of p = r = 0.  Not positive is 0 or NaN, and
+  // p * 0 keeps a NaN p (a row with a NaN) NaN, as the reference's p * log(...) does.
+  F tp = sel(p > F(0), p * lp, p * F(0));
+  F tr = sel(r > F(0), r * lr, r * F(0));
   t.loss = F(0.5) * (tp + tr);
   t.r_log_rm = tr;
   return t;
@@ -190,8 +199,8 @@ template <typename F>
 Q2_HD F kl_term(F p, F r) {
   F inv = F(1) / r;
   F lp = log1p_pair(p * inv, (p - r) * inv);
-  F t = sel(r > F(0), p * lp, static_cast<F>(kInfF));
-  return sel(p > F(0), t, F(0));
+  F t = sel((r > F(0)) | (r != r), p * lp, static_cast<F>(kInfF));  // a NaN r gives NaN
+  return sel(p > F(0), t, p * F(0));  // 0 for p = 0, NaN for a NaN p
 }
 
 // d D / d S of one element, before the factor grad/(N C):
@@ -212,6 +221,16 @@ Q2_HD F dscore_of(F p, F r, F w, bool js, F kl_rm, bool softmax, F inv_temp) {
 
 Q2_HD float sign_of(float v) { return sel(v > 0.0f, 1.0f, sel(v < 0.0f, -1.0f, 0.0f)); }
 Q2_HD double sign_of(double v) { return v > 0.0 ? 1.0 : (v < 0.0 ? -1.0 : 0.0); }
+
+// Row statistics saved by the forward for the backward (kRowStats values, in this order).
+template <typename F>
+Q2_HD void store_row_stats(F* row, F mu, F sigma, double z, F max_score, double kl_rm) {
+  row[0] = mu;
+  row[1] = sigma;
+  row[2] = static_cast<F>(z);
+  row[3] = max_score;
+  row[4] = static_cast<F>(kl_rm);
+}
 
 // ------------------------------------------------------------------ backward rows
 // Constants of one student row in the backward, from the forward's row statistics
