@@ -7,21 +7,10 @@
 #include <random>
 #include <vector>
 
+#include "expect.h"
 #include "q2ext/gb_fusion_math.h"
 
 using namespace q2ext::gb_fusion;
-
-static int failures = 0;
-#define EXPECT(cond, ...)                 \
-  do {                                    \
-    if (!(cond)) {                        \
-      if (++failures < 20) {              \
-        std::printf("FAIL %s: ", #cond);  \
-        std::printf(__VA_ARGS__);         \
-        std::printf("\n");                \
-      }                                   \
-    }                                     \
-  } while (0)
 
 constexpr double kEps = 1e-6;
 
@@ -115,10 +104,5 @@ int main() {
   test_outlier_channel_zero();
   test_constant_and_tiny();
   test_nan_and_inf();
-  if (failures) {
-    std::printf("%d failures\n", failures);
-    return 1;
-  }
-  std::printf("gb_fusion_math: all checks passed\n");
-  return 0;
+  return q2ext_test::exit_code("gb_fusion_math");
 }
