@@ -10,15 +10,12 @@ row must be unaffected.
 import pytest
 import torch
 
-import q2ext
-from q2ext import ada_reference as R
-
-_CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not (torch.cuda.is_available() and (q2ext._ext.compiled_with_cuda() or not q2ext.has_compiled())),
-    reason="needs a CUDA device and the CUDA kernels")])
-DEVICES = ["cpu", _CUDA]
-JS, KL = 0, 1
-SIGMOID, SOFTMAX = 0, 1
+from helpers import DEVICES
+from q2ext._ops.ada_loss import DIV_JS as JS
+from q2ext._ops.ada_loss import DIV_KL as KL
+from q2ext._ops.ada_loss import NORM_SIGMOID as SIGMOID
+from q2ext._ops.ada_loss import NORM_SOFTMAX as SOFTMAX
+from q2ext.reference import ada_loss as R
 
 
 def _inputs(dtype, device, nan_in_student=True):

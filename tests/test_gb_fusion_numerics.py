@@ -17,13 +17,9 @@ whose C++ test is tests/cpp/test_gb_fusion_math.cpp).  Here:
 import pytest
 import torch
 
-import q2ext
-from q2ext import gbfusion_reference as R
-
-_CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not (torch.cuda.is_available() and (q2ext._ext.compiled_with_cuda() or not q2ext.has_compiled())),
-    reason="needs a CUDA device and the CUDA kernels")])
-DEVICES = ["cpu", _CUDA]
+from helpers import DEVICES
+from q2ext._ops.gb_fusion import MODE_ADD, MODE_CONCAT
+from q2ext.reference import gb_fusion as R
 EPS = 1e-6
 F32_EPS = torch.finfo(torch.float32).eps
 
@@ -40,7 +36,7 @@ def _within_tolerance(kernel, ref, truth, scale=None):
 def _outlier_branches(mode, channels_last, device="cpu", outlier=3000.0):
     """Two fp32 branches whose fused channel 0 is `outlier` (+ noise) at every pixel."""
     g = torch.Generator().manual_seed(7)
-    shapes = [(2, 96, 7, 9), (2, 32, 7, 9)] if mode == R.MODE_CONCAT else [(2, 64, 7, 9)] * 2
+    shapes = [(2, 96, 7, 9), (2, 32, 7, 9)] if mode == MODE_CONCAT else [(2, 64, 7, 9)] * 2
     xs = [torch.randn(s, generator=g) for s in shapes]
     xs[0][:, 0] += outlier
     xs = [x.to(device) for x in xs]
@@ -50,7 +46,7 @@ def _outlier_branches(mode, channels_last, device="cpu", outlier=3000.0):
 def _fused(xs, alpha, mode):
     """h (N, C, P) in fp32 as the kernels form it: alpha_i * x_i, summed in branch order (add)."""
     xs = [x.cpu().float().flatten(2) for x in xs]
-    if mode == R.MODE_CONCAT:
+    if mode == MODE_CONCAT:
         return torch.cat([a * x for a, x in zip(alpha.tolist(), xs)], 1)
     h = alpha[0].item() * xs[0]
     for a, x in zip(alpha[1:].tolist(), xs[1:]):
@@ -87,7 +83,7 @@ def _references(xs, lam, mode):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("mode", [R.MODE_CONCAT, R.MODE_ADD], ids=["concat", "add"])
+@pytest.mark.parametrize("mode", [MODE_CONCAT, MODE_ADD], ids=["concat", "add"])
 def test_outlier_channel_zero_within_tolerance(device, channels_last, mode):
     xs = _outlier_branches(mode, channels_last, device)
     lam = torch.tensor([0.3, -0.2])
@@ -115,10 +111,10 @@ def _seeded_cases():
         return [(torch.randn(s, generator=g, dtype=torch.float64) * (i + 1) + i).float() for i, s in enumerate(shapes)]
 
     lam = torch.randn(2, generator=torch.Generator().manual_seed(1))
-    return [(R.MODE_CONCAT, branches([(2, 128, 16, 16), (2, 64, 16, 16)]), lam),
-            (R.MODE_ADD, branches([(1, 256, 13, 19)] * 2), lam),
-            (R.MODE_CONCAT, _outlier_branches(R.MODE_CONCAT, False), torch.tensor([0.3, -0.2])),
-            (R.MODE_ADD, _outlier_branches(R.MODE_ADD, False), torch.tensor([0.3, -0.2]))]
+    return [(MODE_CONCAT, branches([(2, 128, 16, 16), (2, 64, 16, 16)]), lam),
+            (MODE_ADD, branches([(1, 256, 13, 19)] * 2), lam),
+            (MODE_CONCAT, _outlier_branches(MODE_CONCAT, False), torch.tensor([0.3, -0.2])),
+            (MODE_ADD, _outlier_branches(MODE_ADD, False), torch.tensor([0.3, -0.2]))]
 
 
 @pytest.mark.parametrize("case", range(4), ids=["concat128+64", "add256", "outlier-concat", "outlier-add"])
@@ -163,13 +159,13 @@ def test_nan_and_inf_follow_the_reference(device, channels_last):
     (not 1/sqrt(eps)), every other pixel is untouched."""
     xs = _nan_inf_branches(device, channels_last)
     lam = torch.tensor([0.1, 0.4])
-    out, mean, rstd, alpha = torch.ops.q2ext.gb_fusion_forward(xs, lam.to(device), None, None, R.MODE_CONCAT, EPS)
-    ref = R.gb_fusion_forward([x.cpu() for x in xs], lam, None, None, R.MODE_CONCAT, EPS)
+    out, mean, rstd, alpha = torch.ops.q2ext.gb_fusion_forward(xs, lam.to(device), None, None, MODE_CONCAT, EPS)
+    ref = R.gb_fusion_forward([x.cpu() for x in xs], lam, None, None, MODE_CONCAT, EPS)
     assert rstd.isnan().sum().item() == 3 and ref[2].isnan().sum().item() == 3
     for got, want in zip((out, mean, rstd), ref[:3]):
         _same_nan(got, want)
     grad = torch.ones(out.shape).to(device)
-    grads = torch.ops.q2ext.gb_fusion_backward(grad, xs, alpha, None, mean, rstd, R.MODE_CONCAT)[0]
-    rgrads = R.gb_fusion_backward(grad.cpu(), [x.cpu() for x in xs], ref[3], None, ref[1], ref[2], R.MODE_CONCAT)[0]
+    grads = torch.ops.q2ext.gb_fusion_backward(grad, xs, alpha, None, mean, rstd, MODE_CONCAT)[0]
+    rgrads = R.gb_fusion_backward(grad.cpu(), [x.cpu() for x in xs], ref[3], None, ref[1], ref[2], MODE_CONCAT)[0]
     for gk, gr in zip(grads, rgrads):
         _same_nan(gk, gr)
