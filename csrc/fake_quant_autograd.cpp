@@ -1,6 +1,6 @@
 // Autograd for q2ext::fake_quant in C++.
 //
-// q2ext/_ops.py registers the same derivative in Python (torch.library.register_autograd,
+// q2ext/_ops/fake_quant.py registers the same derivative in Python (torch.library.register_autograd,
 // on the Autograd alias key); that path serves the reference kernels when q2ext._C is not
 // built.  For the compiled kernels this C++ Function, registered on the runtime keys
 // AutogradCPU and AutogradCUDA (which take precedence over the alias), saves the Python
@@ -71,7 +71,7 @@ struct FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    // Same rule as make_fake_quant_autograd in q2ext/_ops.py: the third output serves
+    // Same rule as make_fake_quant_autograd in q2ext/_ops/fake_quant.py: the third output serves
     // whichever of zero_point / offset was passed.  Absent optionals have no autograd
     // edge, so the present one (at most one: the op checks) is edge 2.
     const bool has_zp = saved[2].defined(), has_offset = saved[3].defined();

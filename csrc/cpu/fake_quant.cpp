@@ -15,13 +15,14 @@
 #include "fake_quant_loops.h"
 #include "q2ext/cpu_isa.h"
 #include "q2ext/fake_quant_args.h"
-#include "q2ext/huge_pages.h"
+#include "huge_pages.h"
 
 Q2EXT_DECLARE_ISA_ENTRY_POINTS(avx512)
 Q2EXT_DECLARE_ISA_ENTRY_POINTS(avx2)
 Q2EXT_DECLARE_ISA_ENTRY_POINTS(scalar)
 
 namespace q2ext {
+namespace fake_quant {
 namespace cpu {
 namespace {
 
@@ -270,9 +271,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
 
 }  // namespace
 }  // namespace cpu
+}  // namespace fake_quant
 }  // namespace q2ext
 
 TORCH_LIBRARY_IMPL(q2ext, CPU, m) {
-  m.impl("fake_quant", &q2ext::cpu::fake_quant_cpu);
-  m.impl("fake_quant_backward", &q2ext::cpu::fake_quant_backward_cpu);
+  m.impl("fake_quant", &q2ext::fake_quant::cpu::fake_quant_cpu);
+  m.impl("fake_quant_backward", &q2ext::fake_quant::cpu::fake_quant_backward_cpu);
 }

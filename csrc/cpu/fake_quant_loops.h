@@ -5,7 +5,7 @@
 // loops are branch-free per element and the reductions keep kLanes independent fp32
 // accumulators, so vectorising needs no reassociation and every ISA path produces
 // bit-identical results.  No torch or std header may be included here (see
-// fake_quant_math.h on why everything has internal linkage).
+// numerics.h on why everything has internal linkage).
 #pragma once
 
 #include <cstdint>
@@ -13,6 +13,7 @@
 #include "q2ext/fake_quant_math.h"
 
 namespace q2ext {
+namespace fake_quant {
 namespace cpu {
 
 // One argument block for every loop: x/y/dy/dx point at the first element of the
@@ -134,11 +135,13 @@ static void backward_segment(const SegmentArgs& a) {
 }
 
 }  // namespace cpu
+}  // namespace fake_quant
 }  // namespace q2ext
 
-// Defines the entry points of one ISA path inside namespace q2ext::cpu::<ns>.
+// Defines the entry points of one ISA path inside namespace q2ext::fake_quant::cpu::<ns>.
 #define Q2EXT_DEFINE_ISA_ENTRY_POINTS(ns)                                          \
   namespace q2ext {                                                                \
+  namespace fake_quant {                                                           \
   namespace cpu {                                                                  \
   namespace ns {                                                                   \
   void forward_segment_f32(const SegmentArgs& a) { forward_segment<float>(a); }    \
@@ -149,11 +152,13 @@ static void backward_segment(const SegmentArgs& a) {
   void backward_segment_f16(const SegmentArgs& a) { backward_segment<f16_t>(a); }  \
   }                                                                                \
   }                                                                                \
+  }                                                                                \
   }
 
 // Declarations of the entry points for the dispatcher (fake_quant.cpp).
 #define Q2EXT_DECLARE_ISA_ENTRY_POINTS(ns)                  \
   namespace q2ext {                                         \
+  namespace fake_quant {                                    \
   namespace cpu {                                           \
   namespace ns {                                            \
   void forward_segment_f32(const SegmentArgs& a);           \
@@ -162,6 +167,7 @@ static void backward_segment(const SegmentArgs& a) {
   void backward_segment_f32(const SegmentArgs& a);          \
   void backward_segment_bf16(const SegmentArgs& a);         \
   void backward_segment_f16(const SegmentArgs& a);          \
+  }                                                         \
   }                                                         \
   }                                                         \
   }

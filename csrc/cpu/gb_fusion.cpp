@@ -28,12 +28,12 @@
 #include "q2ext/cpu_isa.h"
 #include "q2ext/gb_fusion_args.h"
 #include "q2ext/gb_fusion_math.h"
-#include "q2ext/huge_pages.h"
+#include "huge_pages.h"
 
 namespace q2ext {
+namespace gb_fusion {
 namespace cpu {
 namespace {
-using namespace gbf;  // NOLINT: the loop templates of this file, split for length
 
 // ---------------------------------------------------------------- ISA instantiation
 
@@ -43,12 +43,12 @@ using BwdFn = void (*)(const Args&, int64_t, int64_t, void*, const Sums&);
 #define GB_DEFINE_ISA(isa, attr, stream)                                                \
   template <typename T>                                                                 \
   attr void fwd_##isa(const Args& a, int64_t b0, int64_t b1, void* s) {                 \
-    using A = typename GbAcc<T>::type;                                                  \
+    using A = typename ComputeType<T>::type;                                                  \
     forward_range<stream, T, A>(a, b0, b1, static_cast<A*>(s));                         \
   }                                                                                     \
   template <typename T>                                                                 \
   attr void bwd_##isa(const Args& a, int64_t b0, int64_t b1, void* s, const Sums& sums) { \
-    using A = typename GbAcc<T>::type;                                                  \
+    using A = typename ComputeType<T>::type;                                                  \
     backward_range<stream, T, A>(a, b0, b1, static_cast<A*>(s), sums);                  \
   }
 
@@ -90,53 +90,20 @@ int dtype_slot(at::ScalarType t) {
 
 // ---------------------------------------------------------------- op entry points
 
-using gb::acc_type;
-using gb::check_vec;
-
-// Validates the branches and lays them out like branches[0] (NHWC or NCHW, dense).
-Geom make_geom(const at::TensorList& branches, int64_t mode, std::vector<at::Tensor>& dense) {
-  TORCH_CHECK(mode == kGbConcat || mode == kGbAdd,
-              "q2ext gb_fusion: mode must be 0 (concat) or 1 (add), got ", mode);
-  const int64_t k = static_cast<int64_t>(branches.size());
-  TORCH_CHECK(k >= 2, "q2ext gb_fusion: branches must hold at least 2 tensors, got ", k);
-  TORCH_CHECK(k <= kGbMaxBranches, "q2ext gb_fusion: branches holds ", k, " tensors; at most ",
-              kGbMaxBranches, " are supported");
-  const at::Tensor& x0 = branches[0];
-  TORCH_CHECK(x0.dim() == 4, "q2ext gb_fusion: branches[0] must be 4-D (N, C, H, W), got ",
-              x0.sizes());
-  const auto st = x0.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
-              "q2ext gb_fusion: branches[0] must be float32/16, bfloat16 or float64, got ", st);
-  const bool nhwc = x0.is_contiguous(at::MemoryFormat::ChannelsLast) && !x0.is_contiguous();
-  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+// The kernels' view of the validated branches (check_branches keeps the dense copies).
+Geom make_geom(const BranchLayout& L, const at::Tensor& x0, int64_t mode) {
   Geom g{};
   g.n = x0.size(0);
   g.hw = x0.size(2) * x0.size(3);
-  g.k = k;
+  g.k = L.k;
   g.mode = mode;
-  g.nhwc = nhwc;
-  int64_t c = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    const at::Tensor& x = branches[i];
-    TORCH_CHECK(x.dim() == 4, "q2ext gb_fusion: branches[", i, "] must be 4-D, got ", x.sizes());
-    const char* dims = "NCHW";
-    for (int d : {0, 2, 3})
-      TORCH_CHECK(x.size(d) == x0.size(d), "q2ext gb_fusion: branches[", i, "] has ", dims[d], "=",
-                  x.size(d), " but branches[0] has ", dims[d], "=", x0.size(d));
-    TORCH_CHECK(x.scalar_type() == st, "q2ext gb_fusion: branches[", i, "] is ", x.scalar_type(),
-                " but branches[0] is ", st);
-    TORCH_CHECK(x.device() == x0.device(), "q2ext gb_fusion: branches[", i, "] is on ",
-                x.device(), " but branches[0] is on ", x0.device());
-    TORCH_CHECK(mode != kGbAdd || x.size(1) == x0.size(1),
-                "q2ext gb_fusion: mode add needs equal channels: branches[", i, "] has C=",
-                x.size(1), ", branches[0] has C=", x0.size(1));
-    dense.push_back(x.contiguous(fmt));
-    g.br[i].x = dense.back().data_ptr();
-    g.br[i].c = x.size(1);
-    g.br[i].off = mode == kGbConcat ? c : 0;
-    c = mode == kGbConcat ? c + x.size(1) : x.size(1);
+  g.nhwc = L.nhwc;
+  g.c_out = L.c_out;
+  for (int64_t i = 0; i < L.k; ++i) {
+    g.br[i].x = L.dense[i].data_ptr();
+    g.br[i].c = L.c[i];
+    g.br[i].off = L.off[i];
   }
-  g.c_out = c;
   return g;
 }
 
@@ -160,12 +127,12 @@ int64_t scratch_elems(const Geom& g) { return g.nhwc ? 3 * g.c_out : 2 * g.c_out
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cpu(
     at::TensorList branches, const at::Tensor& lam, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, int64_t mode, double eps) {
-  std::vector<at::Tensor> dense;
-  Geom g = make_geom(branches, mode, dense);
+  const BranchLayout L = check_branches(branches, mode);
   const at::Tensor& x0 = branches[0];
+  Geom g = make_geom(L, x0, mode);
   const auto at_acc = acc_type(x0);
-  gb::check_forward_params(x0, lam, weight, bias, g.k, g.c_out, eps);
-  const auto fmt = g.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  check_forward_params(x0, lam, weight, bias, g.k, g.c_out, eps);
+  const auto fmt = L.format();
   at::Tensor out = at::empty({g.n, g.c_out, x0.size(2), x0.size(3)}, x0.options(), fmt);
   advise_huge_pages(out);
   at::Tensor mean = at::empty({g.n, x0.size(2), x0.size(3)}, x0.options().dtype(at_acc));
@@ -196,19 +163,19 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusio
     const at::Tensor& grad, at::TensorList branches, const at::Tensor& alpha,
     const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
     int64_t mode, const std::optional<at::Tensor>& out) {
-  std::vector<at::Tensor> dense;
-  Geom g = make_geom(branches, mode, dense);
+  const BranchLayout L = check_branches(branches, mode);
   const at::Tensor& x0 = branches[0];
+  Geom g = make_geom(L, x0, mode);
   const auto at_acc = acc_type(x0);
   const bool use_y =
-      gb::check_backward_params(grad, x0, g.c_out, alpha, g.k, mean, rstd, weight, out);
-  const auto fmt = g.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+      check_backward_params(grad, x0, g.c_out, alpha, g.k, mean, rstd, weight, out);
+  const auto fmt = L.format();
   at::Tensor gd = grad.contiguous(fmt);
   at::Tensor y = use_y ? out->contiguous(fmt) : at::Tensor();
   at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous(), alpha_c = alpha.contiguous();
   std::vector<at::Tensor> grads;
   for (int64_t i = 0; i < g.k; ++i) {
-    grads.push_back(at::empty_like(dense[i], fmt));
+    grads.push_back(at::empty_like(L.dense[i], fmt));
     advise_huge_pages(grads.back());
     g.br[i].dx = grads.back().data_ptr();
     g.br[i].alpha = alpha_c.data_ptr<float>()[i];
@@ -261,7 +228,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusio
 void gb_fusion_update_cpu(const at::Tensor& lam, const at::Tensor& g_ema, const at::Tensor& g_sq,
                           const std::optional<at::Tensor>& tau, double beta, double eta, double eps,
                           double lam_clip) {
-  const int64_t k = gb::check_update_args(lam, g_ema, g_sq, tau, lam_clip, kGbMaxBranches);
+  const int64_t k = check_update_args(lam, g_ema, g_sq, tau, lam_clip);
   at::Tensor gs = g_sq.contiguous();
   at::Tensor tc = tau.has_value() ? tau->contiguous() : at::Tensor();
   gb_update_law(lam.data_ptr<float>(), g_ema.data_ptr<float>(), gs.data_ptr<float>(),
@@ -272,10 +239,11 @@ void gb_fusion_update_cpu(const at::Tensor& lam, const at::Tensor& g_ema, const 
 
 }  // namespace
 }  // namespace cpu
+}  // namespace gb_fusion
 }  // namespace q2ext
 
 TORCH_LIBRARY_IMPL(q2ext, CPU, m) {
-  m.impl("gb_fusion_forward", &q2ext::cpu::gb_fusion_forward_cpu);
-  m.impl("gb_fusion_backward", &q2ext::cpu::gb_fusion_backward_cpu);
-  m.impl("gb_fusion_update", &q2ext::cpu::gb_fusion_update_cpu);
+  m.impl("gb_fusion_forward", &q2ext::gb_fusion::cpu::gb_fusion_forward_cpu);
+  m.impl("gb_fusion_backward", &q2ext::gb_fusion::cpu::gb_fusion_backward_cpu);
+  m.impl("gb_fusion_update", &q2ext::gb_fusion::cpu::gb_fusion_update_cpu);
 }

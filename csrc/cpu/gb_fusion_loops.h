@@ -14,9 +14,8 @@
 #include "q2ext/gb_fusion_math.h"
 
 namespace q2ext {
+namespace gb_fusion {
 namespace cpu {
-namespace gbf {
-
 
 // Pixels per NCHW block: each channel row is read in kPix-long contiguous pieces, so
 // longer blocks mean fewer, longer streams for the prefetcher (C rows per branch are
@@ -49,8 +48,8 @@ struct Args {
   void* mean;        // (N, H, W) compute type (backward: read)
   void* rstd;
   double eps;
-  bool stream;
-  const void* y;     // backward: the forward's output when it equals y (no affine), or null       // write the NCHW outputs with non-temporal stores (see store_row)
+  bool stream;        // write the NCHW outputs with non-temporal stores (see store_row)
+  const void* y;     // backward: the forward's output when it equals y (no affine), or null
 };
 
 // Per-chunk reduction slots of the backward.
@@ -89,7 +88,7 @@ GB_INLINE void store_row(T* __restrict o, const A* __restrict v, int64_t np, boo
     }
   }
 #endif
-  for (int64_t p = 0; p < np; ++p) gb_store(v[p], &o[p]);
+  for (int64_t p = 0; p < np; ++p) store_compute(v[p], &o[p]);
 }
 
 template <typename T>
@@ -113,9 +112,9 @@ GB_INLINE void load_tile(const Geom& g, int64_t n, int64_t p0, int64_t np, A* __
       const T* __restrict xr = x + c * g.hw;
       prefetch_next(xr, p0 + kPix < g.hw, 0);
       if (first) {
-        for (int64_t p = 0; p < np; ++p) row[p] = al * gb_load(xr[p]);
+        for (int64_t p = 0; p < np; ++p) row[p] = al * to_compute(xr[p]);
       } else {
-        for (int64_t p = 0; p < np; ++p) row[p] = row[p] + al * gb_load(xr[p]);
+        for (int64_t p = 0; p < np; ++p) row[p] = row[p] + al * to_compute(xr[p]);
       }
     }
   }
@@ -186,13 +185,13 @@ GB_INLINE void backward_nchw(const Args& a, int64_t blk0, int64_t blk1, A* __res
       if (ysrc) {
         const T* __restrict yr = ysrc + c * g.hw;
         prefetch_next(yr, p0 + kPix < g.hw, 0);
-        for (int64_t p = 0; p < np; ++p) row[p] = gb_load(yr[p]);
+        for (int64_t p = 0; p < np; ++p) row[p] = to_compute(yr[p]);
       } else {
         for (int64_t p = 0; p < np; ++p) row[p] = (row[p] - mean[p]) * rstd[p];
       }
       const A wc = w ? w[c] : A(1);
       for (int64_t p = 0; p < np; ++p) {
-        const A gy = gb_load(gr[p]) * wc;
+        const A gy = to_compute(gr[p]) * wc;
         grow[p] = gy;
         m1[p] += gy;
         m2[p] += gy * row[p];
@@ -200,7 +199,7 @@ GB_INLINE void backward_nchw(const Args& a, int64_t blk0, int64_t blk1, A* __res
       if (s.dw) {  // optional affine: ordered scalar sums over the block's pixels
         A sw = A(0), sb = A(0);
         for (int64_t p = 0; p < np; ++p) {
-          const A gv = gb_load(gr[p]);
+          const A gv = to_compute(gr[p]);
           sw += gv * row[p];
           sb += gv;
         }
@@ -267,9 +266,9 @@ GB_INLINE void load_row(const Geom& g, int64_t q, A* __restrict row) {
     const A al = static_cast<A>(b.alpha);
     A* __restrict r = row + b.off;
     if (g.mode == kGbConcat || i == 0) {
-      for (int64_t c = 0; c < b.c; ++c) r[c] = al * gb_load(x[c]);
+      for (int64_t c = 0; c < b.c; ++c) r[c] = al * to_compute(x[c]);
     } else {
-      for (int64_t c = 0; c < b.c; ++c) r[c] = r[c] + al * gb_load(x[c]);
+      for (int64_t c = 0; c < b.c; ++c) r[c] = r[c] + al * to_compute(x[c]);
     }
   }
 }
@@ -292,9 +291,9 @@ GB_INLINE void forward_nhwc(const Args& a, int64_t blk0, int64_t blk1, A* __rest
     const A rstd = gb_rstd(lane_sum(tmp, C), inv_c, eps);
     T* __restrict o = static_cast<T*>(a.out) + q * C;
     if (w) {
-      for (int64_t c = 0; c < C; ++c) gb_store((row[c] - mean) * rstd * w[c] + bb[c], &o[c]);
+      for (int64_t c = 0; c < C; ++c) store_compute((row[c] - mean) * rstd * w[c] + bb[c], &o[c]);
     } else {
-      for (int64_t c = 0; c < C; ++c) gb_store((row[c] - mean) * rstd, &o[c]);
+      for (int64_t c = 0; c < C; ++c) store_compute((row[c] - mean) * rstd, &o[c]);
     }
     static_cast<A*>(a.mean)[q] = mean;
     static_cast<A*>(a.rstd)[q] = rstd;
@@ -315,20 +314,20 @@ GB_INLINE void backward_nhwc(const Args& a, int64_t blk0, int64_t blk1, A* __res
     const T* __restrict gr = static_cast<const T*>(a.grad) + q * C;
     if (a.y) {
       const T* __restrict yr = static_cast<const T*>(a.y) + q * C;
-      for (int64_t c = 0; c < C; ++c) row[c] = gb_load(yr[c]);
+      for (int64_t c = 0; c < C; ++c) row[c] = to_compute(yr[c]);
     } else {
       load_row<T, A>(g, q, row);
       for (int64_t c = 0; c < C; ++c) row[c] = (row[c] - mean) * rstd;
     }
     for (int64_t c = 0; c < C; ++c) {
       const A y = row[c];
-      const A gv = gb_load(gr[c]);
+      const A gv = to_compute(gr[c]);
       gy[c] = w ? gv * w[c] : gv;
       tmp[c] = gy[c] * y;
     }
     if (s.dw) {
       for (int64_t c = 0; c < C; ++c) {
-        const A gv = gb_load(gr[c]);
+        const A gv = to_compute(gr[c]);
         s.dw[c] += gv * row[c];
         s.db[c] += gv;
       }
@@ -342,7 +341,7 @@ GB_INLINE void backward_nhwc(const Args& a, int64_t blk0, int64_t blk1, A* __res
       const A* __restrict d = tmp + b.off;
       for (int64_t c = 0; c < b.c; ++c) {
         const A v = al * d[c];
-        gb_store(v, &dx[c]);
+        store_compute(v, &dx[c]);
         gy[c] = v * v;  // gy is free again: reuse it for the squares
       }
       s.g_sq[i] += lane_sum(gy, b.c);
@@ -362,6 +361,6 @@ GB_INLINE void backward_range(const Args& a, int64_t b0, int64_t b1, A* scratch,
            : backward_nchw<kStream, T, A>(a, b0, b1, scratch, s);
 }
 
-}  // namespace gbf
 }  // namespace cpu
+}  // namespace gb_fusion
 }  // namespace q2ext

@@ -1,13 +1,13 @@
 // CPU kernels of the int8 / int4 inference GEMMs:
 //   q2ext::quantize_activation, q2ext::w8a8_mm, q2ext::w8a8_linear, q2ext::w4a16_mm.
-// Semantics: q2ext/gemm_reference.py; schemas and argument rules: q2ext/_ops_gemm.py.
+// Semantics: q2ext/reference/gemm.py; schemas and argument rules: q2ext/_ops/gemm.py.
 //
 // This file checks arguments, packs/widens operands and splits the work; the tiles run
 // in the ISA translation units (gemm_isa_{avx512vnni,avx2,scalar}.cpp) picked per call
 // from q2ext's CPU path (set_cpu_isa / Q2EXT_CPU_ISA): 'avx512' uses the VNNI tiles when
 // the CPU has AVX512-VNNI and the AVX2 tiles otherwise; bf16 W4A16 inputs additionally
 // take the AVX512-BF16 tile (gemm_isa_avx512bf16.cpp) where the CPU has it (its
-// numerics: q2ext/gemm_reference.py).  Work items (panel x row chunk)
+// numerics: q2ext/reference/gemm.py).  Work items (panel x row chunk)
 // are fixed by the shapes, and every output is computed by exactly one item, so results
 // do not depend on the thread count.
 #include <ATen/ATen.h>
@@ -19,7 +19,7 @@
 
 #include "q2ext/cpu_isa.h"
 #include "q2ext/gemm_args.h"
-#include "q2ext/gemm_loops.h"
+#include "gemm_loops.h"
 
 Q2EXT_DECLARE_GEMM_ENTRY_POINTS(scalar)
 Q2EXT_DECLARE_QUANT_ENTRY_POINT(scalar)
@@ -32,6 +32,7 @@ Q2EXT_DECLARE_QUANT_ENTRY_POINT(avx512vnni)
 
 namespace q2ext {
 namespace gemm {
+namespace cpu {
 namespace {
 
 struct Kernels {
@@ -72,8 +73,8 @@ constexpr int64_t kRowChunk = 48;  // rows per work item: a multiple of every ti
 
 // Repacks B [N, K] int8 into the VNNI panels (gemm_kernels.h); `flip` stores B + 128.
 at::Tensor pack_b(const at::Tensor& b, bool flip) {
-  const int64_t N = b.size(0), K = b.size(1), kq = ceil_div64(K, 4);
-  const int64_t panels = ceil_div64(N, kNB8);
+  const int64_t N = b.size(0), K = b.size(1), kq = ceil_div(K, 4);
+  const int64_t panels = ceil_div(N, kNB8);
   at::Tensor out = at::zeros({panels * kq * kNB8 * 4}, b.options().dtype(at::kByte));
   const uint8_t* src = static_cast<const uint8_t*>(b.data_ptr());
   uint8_t* dst = out.data_ptr<uint8_t>();
@@ -101,7 +102,7 @@ W8A8Args base_args(const at::Tensor& a_bytes, bool a_signed, const int32_t* comp
   a.M = a_bytes.size(0);
   a.N = N;
   a.K = a_bytes.size(1);
-  a.kq = ceil_div64(a.K, 4);
+  a.kq = ceil_div(a.K, 4);
   a.a_scale = a_scale.data_ptr<float>();
   a.a_scale_per_row = a_scale.numel() == a.M && a.M != 1;
   a.b_scale = b_scale.data_ptr<float>();
@@ -116,7 +117,7 @@ W8A8Args base_args(const at::Tensor& a_bytes, bool a_signed, const int32_t* comp
 void run_w8a8(const W8A8Args& a) {
   if (a.M == 0 || a.N == 0) return;
   const W8A8TileFn tile = kernels().w8a8;
-  const int64_t chunks = ceil_div64(a.M, kRowChunk), panels = ceil_div64(a.N, kNB8);
+  const int64_t chunks = ceil_div(a.M, kRowChunk), panels = ceil_div(a.N, kNB8);
   at::parallel_for(0, panels * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m0 = (i % chunks) * kRowChunk;
@@ -139,7 +140,7 @@ at::Tensor w8a8_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tenso
   if (a.size(1) % 4 != 0 && M > 0) {
     // The VNNI tile reads whole k-quads of A: give it rows of 4 * kq bytes (the extra
     // bytes meet zero B padding, so their value does not matter).
-    at::Tensor padded = at::zeros({M, ceil_div64(a.size(1), 4) * 4}, a.options());
+    at::Tensor padded = at::zeros({M, ceil_div(a.size(1), 4) * 4}, a.options());
     padded.narrow(1, 0, a.size(1)).copy_(ac);
     ac = padded.narrow(1, 0, a.size(1));
   }
@@ -217,7 +218,7 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed,
                            int64_t quant_max, bool relu) {
   const int64_t N = check_w8a8_linear(x, w_packed, w_scale, x_scale, bias, quant_min, quant_max);
   const bool a_signed = quant_min < 0;
-  const int64_t M = x.size(0), K = x.size(1), kq = ceil_div64(K, 4);
+  const int64_t M = x.size(0), K = x.size(1), kq = ceil_div(K, 4);
   at::Tensor xc = contiguous_rows(x);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
@@ -242,7 +243,7 @@ at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& w_packed,
 template <typename Scan>
 bool scan_rows(int64_t M, int64_t K, Scan&& scan) {
   std::atomic<bool> ok{true};
-  const int64_t pieces = ceil_div64(M, 16);
+  const int64_t pieces = ceil_div(M, 16);
   at::parallel_for(0, pieces, std::max<int64_t>(1, 65536 / (16 * std::max<int64_t>(K, 1))),
                    [&](int64_t p0, int64_t p1) {
                      if (!scan(p0 * 16, std::min(M, p1 * 16))) ok = false;
@@ -301,7 +302,7 @@ at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const a
   // thread's row chunk of x (64 rows) then stays in L2 while the weights stream past it;
   // the other way round all of x was read again for every block.
   constexpr int64_t kRows = 64;
-  const int64_t blocks = ceil_div64(N, kNB4), chunks = ceil_div64(M, kRows);
+  const int64_t blocks = ceil_div(N, kNB4), chunks = ceil_div(M, kRows);
   at::parallel_for(0, blocks * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m0 = (i / blocks) * kRows;
@@ -312,12 +313,13 @@ at::Tensor w4a16_mm_cpu(const at::Tensor& x, const at::Tensor& w_packed, const a
 }
 
 }  // namespace
+}  // namespace cpu
 }  // namespace gemm
 }  // namespace q2ext
 
 TORCH_LIBRARY_IMPL(q2ext, CPU, m) {
-  m.impl("quantize_activation", &q2ext::gemm::quantize_activation_cpu);
-  m.impl("w8a8_mm", &q2ext::gemm::w8a8_mm_cpu);
-  m.impl("w8a8_linear", &q2ext::gemm::w8a8_linear_cpu);
-  m.impl("w4a16_mm", &q2ext::gemm::w4a16_mm_cpu);
+  m.impl("quantize_activation", &q2ext::gemm::cpu::quantize_activation_cpu);
+  m.impl("w8a8_mm", &q2ext::gemm::cpu::w8a8_mm_cpu);
+  m.impl("w8a8_linear", &q2ext::gemm::cpu::w8a8_linear_cpu);
+  m.impl("w4a16_mm", &q2ext::gemm::cpu::w4a16_mm_cpu);
 }

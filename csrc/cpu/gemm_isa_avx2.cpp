@@ -2,15 +2,16 @@
 // W8A8 tile widens bytes to int16 and uses VPMADDWD (exact: each pair sum <= 65280),
 // keeping two int32 partial sums per column that one VPHADDD folds at the end.  W4A16
 // dequantises 8 nibbles per ymm in registers.  Own translation unit, no torch or std
-// headers (see fake_quant_math.h).
+// headers (see numerics.h).
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma,bmi2")
 #include <immintrin.h>
 
-#include "q2ext/gemm_loops.h"
+#include "gemm_loops.h"
 
 namespace q2ext {
 namespace gemm {
+namespace cpu {
 namespace avx2 {
 namespace {
 
@@ -134,6 +135,7 @@ void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1) {
 void quantize_rows(const QuantArgs& a, int64_t m0, int64_t m1) { quantize_rows_impl(a, m0, m1); }
 
 }  // namespace avx2
+}  // namespace cpu
 }  // namespace gemm
 }  // namespace q2ext
 #endif

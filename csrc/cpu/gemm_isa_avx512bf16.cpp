@@ -1,7 +1,7 @@
 // AVX512-BF16 (+VBMI) W4A16 tile for bfloat16 activations: Zen 4, Sapphire Rapids and
 // newer (Cooper Lake has BF16 but not VBMI, so it keeps the fp32 tile).  Only this
 // translation unit is compiled for this ISA and it includes no torch or std headers (see
-// fake_quant_math.h on why).
+// numerics.h on why).
 //
 // The group scale and zero are factored out of the inner loop (gemm_kernels.h), so the
 // inner product only needs the integer codes q - 8, which bf16 holds exactly.  VDPBF16PS then does 32 bf16 multiply-adds per instruction: lane j is
@@ -15,10 +15,11 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,avx2,fma,bmi2")
 #include <immintrin.h>
 
-#include "q2ext/gemm_avx512.h"
+#include "gemm_avx512.h"
 
 namespace q2ext {
 namespace gemm {
+namespace cpu {
 namespace avx512bf16 {
 namespace {
 
@@ -128,6 +129,7 @@ bool w4a16_prepare_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t group_s
 }
 
 }  // namespace avx512bf16
+}  // namespace cpu
 }  // namespace gemm
 }  // namespace q2ext
 #endif

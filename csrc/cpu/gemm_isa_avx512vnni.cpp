@@ -1,6 +1,6 @@
 // AVX-512 (+VNNI) instantiation of the GEMM tiles: Zen 4, Ice Lake-SP, Sapphire Rapids
 // and newer.  Only this translation unit is compiled for this ISA and it includes no
-// torch or std headers (see fake_quant_math.h on why).
+// torch or std headers (see numerics.h on why).
 //
 // W8A8 micro-kernel: 6 rows x 64 columns (24 zmm accumulators) per k-quad: four
 // 64-byte loads of the packed B panel, six 4-byte broadcasts of A, 24 VPDPBUSD.  The
@@ -13,11 +13,12 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,bmi2")
 #include <immintrin.h>
 
-#include "q2ext/gemm_avx512.h"
-#include "q2ext/gemm_loops.h"
+#include "gemm_avx512.h"
+#include "gemm_loops.h"
 
 namespace q2ext {
 namespace gemm {
+namespace cpu {
 namespace avx512vnni {
 namespace {
 
@@ -204,6 +205,7 @@ bool w4a16_group_sums(const float* x, int64_t K, int64_t group_size, int64_t row
 void quantize_rows(const QuantArgs& a, int64_t m0, int64_t m1) { quantize_rows_impl(a, m0, m1); }
 
 }  // namespace avx512vnni
+}  // namespace cpu
 }  // namespace gemm
 }  // namespace q2ext
 #endif

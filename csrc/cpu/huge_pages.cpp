@@ -1,11 +1,11 @@
-#include "q2ext/huge_pages.h"
+#include "huge_pages.h"
 
 #include <cstdint>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
-namespace q2ext::cpu {
+namespace q2ext {
 
 namespace {
 constexpr std::uintptr_t kHugePage = std::uintptr_t{1} << 21;  // 2 MB on x86-64
@@ -29,4 +29,4 @@ void advise_huge_pages(const at::Tensor& fresh) {
 #endif
 }
 
-}  // namespace q2ext::cpu
+}  // namespace q2ext

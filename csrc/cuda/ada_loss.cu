@@ -15,7 +15,7 @@
 // Determinism: no atomics; per-thread sums in double, combined by a fixed shuffle tree
 // and a fixed warp order; row losses are summed by one block in a fixed order.
 // Everything stays on the device: the incoming gradient is read through its pointer.
-// The per-element math is csrc/include/q2ext/ada_math.h (same code as the CPU kernel).
+// The per-element math is csrc/include/q2ext/ada_loss_math.h (same code as the CPU kernel).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,22 +29,11 @@
 #include <tuple>
 #include <type_traits>
 
-#include "q2ext/ada_math.h"
+#include "q2ext/ada_loss_args.h"
 #include "q2ext/storage_dispatch.h"
 
-namespace q2ext {
-
-// Defined in csrc/cpu/ada_loss.cpp (always part of the build).
-void check_ada_args(const at::Tensor& student, const at::Tensor& teacher,
-                    const std::optional<at::Tensor>& student_q,
-                    const std::optional<at::Tensor>& teacher_q, const std::optional<at::Tensor>& step,
-                    double gamma, double kappa, int64_t divergence, int64_t normalize,
-                    double temperature);
-
-namespace gpu_ada {
+namespace q2ext::ada_loss::cuda {
 namespace {
-
-using namespace q2ext::ada;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -67,19 +56,17 @@ __device__ __forceinline__ double block_sum(double v, double* sh) {
   return r;
 }
 
+// Block-wide maximum that propagates NaN (max_nan), as the reference's amax.
 template <typename F>
 __device__ __forceinline__ F block_max(F v, double* sh) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const F u = __shfl_down_sync(0xffffffffu, v, o);
-    v = u > v ? u : v;
-  }
+  for (int o = 16; o > 0; o >>= 1) v = max_nan(v, static_cast<F>(__shfl_down_sync(0xffffffffu, v, o)));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) sh[warp] = static_cast<double>(v);
   __syncthreads();
   if (threadIdx.x == 0) {
     double t = sh[0];
-    for (int w = 1; w < kWarps; ++w) t = sh[w] > t ? sh[w] : t;
+    for (int w = 1; w < kWarps; ++w) t = max_nan(t, sh[w]);
     sh[kWarps] = t;
   }
   __syncthreads();
@@ -88,30 +75,15 @@ __device__ __forceinline__ F block_max(F v, double* sh) {
   return r;
 }
 
-struct Params {
-  int64_t channels, n, rows;
-  double gamma, kappa, inv_t;
-  bool js, softmax;
-  const double* step;  // nullptr: each row's sigma; else [1] or [C]
-  int64_t step_numel;
-};
-
-template <typename F>
-__device__ __forceinline__ RowConsts<F> row_consts(F mu, F sigma, int64_t c, const Params& a) {
-  const F kappa = static_cast<F>(a.kappa);
-  const F s = a.step ? static_cast<F>(a.step[a.step_numel == 1 ? 0 : c]) : sigma;
-  return RowConsts<F>{mu, F(1) / (sigma + kappa), F(1) / (s + kappa), static_cast<F>(a.gamma)};
-}
-
 template <typename T, bool kHasQ>
 __global__ void __launch_bounds__(kThreads)
     ada_forward_kernel(const T* __restrict__ xs, const T* __restrict__ xsq, const T* __restrict__ xt,
-                       const T* __restrict__ xtq, Params a,
-                       typename Compute<T>::type* __restrict__ p_out,
-                       typename Compute<T>::type* __restrict__ stats, double* __restrict__ row_loss) {
-  using F = typename Compute<T>::type;
+                       const T* __restrict__ xtq, RowConfig a,
+                       typename ComputeType<T>::type* __restrict__ p_out,
+                       typename ComputeType<T>::type* __restrict__ stats, double* __restrict__ row_loss) {
+  using F = typename ComputeType<T>::type;
   __shared__ double sh[kWarps + 1];
-  const int64_t row = blockIdx.x, n = a.n, off = row * n, c = row % a.channels;
+  const int64_t row = blockIdx.x, n = a.length, off = row * n, c = row % a.channels;
   xs += off;
   xt += off;
   if constexpr (kHasQ) {
@@ -122,35 +94,35 @@ __global__ void __launch_bounds__(kThreads)
 
   double ss = 0.0, st = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-    ss += static_cast<double>(load(xs[i]));
-    st += static_cast<double>(load(xt[i]));
+    ss += static_cast<double>(to_compute(xs[i]));
+    st += static_cast<double>(to_compute(xt[i]));
   }
   const F mu_s = static_cast<F>(block_sum(ss, sh) / n), mu_t = static_cast<F>(block_sum(st, sh) / n);
   ss = 0.0;
   st = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-    const F ds = load(xs[i]) - mu_s, dt = load(xt[i]) - mu_t;
+    const F ds = to_compute(xs[i]) - mu_s, dt = to_compute(xt[i]) - mu_t;
     ss += static_cast<double>(ds * ds);
     st += static_cast<double>(dt * dt);
   }
   const F sg_s = static_cast<F>(sqrt(block_sum(ss, sh) / n));
   const F sg_t = static_cast<F>(sqrt(block_sum(st, sh) / n));
   const RowConsts<F> rs = row_consts(mu_s, sg_s, c, a), rt = row_consts(mu_t, sg_t, c, a);
-  auto score_s = [&](int64_t i) { return score_of<kHasQ>(load(xs[i]), kHasQ ? load(xsq[i]) : F(0), rs).score; };
-  auto score_t = [&](int64_t i) { return score_of<kHasQ>(load(xt[i]), kHasQ ? load(xtq[i]) : F(0), rt).score; };
+  auto score_s = [&](int64_t i) { return score_of<kHasQ>(to_compute(xs[i]), kHasQ ? to_compute(xsq[i]) : F(0), rs).score; };
+  auto score_t = [&](int64_t i) { return score_of<kHasQ>(to_compute(xt[i]), kHasQ ? to_compute(xtq[i]) : F(0), rt).score; };
 
   F ms = F(0), mt = F(0);
   if (a.softmax) {
     F ls = -static_cast<F>(kInfF), lt = -static_cast<F>(kInfF);
     for (int64_t i = threadIdx.x; i < n; i += kThreads) {
       const F vs = score_s(i), vt = score_t(i);
-      ls = vs > ls ? vs : ls;
-      lt = vt > lt ? vt : lt;
+      ls = max_nan(ls, vs);
+      lt = max_nan(lt, vt);
     }
     ms = block_max(ls, sh);
     mt = block_max(lt, sh);
   }
-  const F inv_t = static_cast<F>(a.inv_t);
+  const F inv_t = static_cast<F>(a.inv_temp);
   ss = 0.0;
   st = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
@@ -178,12 +150,7 @@ __global__ void __launch_bounds__(kThreads)
   loss = block_sum(loss, sh);
   kl_rm = block_sum(kl_rm, sh);
   if (threadIdx.x == 0) {
-    F* sr = stats + row * kRowStats;
-    sr[0] = mu_s;
-    sr[1] = sg_s;
-    sr[2] = static_cast<F>(zs);
-    sr[3] = ms;
-    sr[4] = static_cast<F>(kl_rm);
+    store_row_stats(stats + row * kRowStats, mu_s, sg_s, zs, ms, kl_rm);
     row_loss[row] = loss;
   }
 }
@@ -201,34 +168,24 @@ __global__ void __launch_bounds__(kThreads) mean_kernel(const double* __restrict
 
 template <typename T, bool kHasQ>
 __global__ void __launch_bounds__(kThreads)
-    ada_backward_kernel(const typename Compute<T>::type* __restrict__ grad, const T* __restrict__ xs,
-                        const T* __restrict__ xsq, const typename Compute<T>::type* __restrict__ p_all,
-                        const typename Compute<T>::type* __restrict__ stats, Params a, T* __restrict__ dx) {
-  using F = typename Compute<T>::type;
+    ada_backward_kernel(const typename ComputeType<T>::type* __restrict__ grad, const T* __restrict__ xs,
+                        const T* __restrict__ xsq, const typename ComputeType<T>::type* __restrict__ p_all,
+                        const typename ComputeType<T>::type* __restrict__ stats, RowConfig a, T* __restrict__ dx) {
+  using F = typename ComputeType<T>::type;
   constexpr bool kPark = std::is_same_v<T, F>;  // dx can hold an F: no recomputation
   __shared__ double sh[kWarps + 1];
-  const int64_t row = blockIdx.x, n = a.n, off = row * n, c = row % a.channels;
+  const int64_t row = blockIdx.x, n = a.length, off = row * n, c = row % a.channels;
   xs += off;
   if constexpr (kHasQ) xsq += off;
   const F* p = p_all + off;
   dx += off;
   const F* sr = stats + row * kRowStats;
-  const F mu = sr[0], sigma = sr[1], max_score = sr[3], kl_rm = sr[4];
-  const F z = sr[2];
-  const RowConsts<F> rc = row_consts(mu, sigma, c, a);
-  const F g0 = static_cast<F>(static_cast<double>(grad[0]) / static_cast<double>(a.rows));
-  const F inv_t = static_cast<F>(a.inv_t);
-  const F gamma2_sigma = a.step == nullptr ? static_cast<F>(2.0 * a.gamma) : F(0);
+  const F mu = sr[0], sigma = sr[1];
+  const BackRow<F> b = back_row(sr, c, a, static_cast<double>(grad[0]));
   // sign(d) dL/dz and (dL/dz z + [s = sigma] dL/dr r) of element i.
   auto terms = [&](int64_t i, F* t_sigma) {
-    const Score<F> s = score_of<kHasQ>(load(xs[i]), kHasQ ? load(xsq[i]) : F(0), rc);
-    const F w = weight_of(s.score, a.softmax, max_score, inv_t);
-    const F g = g0 * dscore_of(p[i], w / z, w, a.js, kl_rm, a.softmax, inv_t);
-    const F gz = g * F(2) * s.z / s.uz;
-    F t = gz * s.z;
-    if constexpr (kHasQ) t = t + g * gamma2_sigma * s.r2 / s.ur;
-    *t_sigma = t;
-    return sign_of(s.d) * gz;
+    return backward_terms_of<kHasQ>(to_compute(xs[i]), kHasQ ? to_compute(xsq[i]) : F(0), p[i], b,
+                                    a.js, a.softmax, t_sigma);
   };
   double a1 = 0.0, a2 = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
@@ -250,27 +207,14 @@ __global__ void __launch_bounds__(kThreads)
       F unused;
       v = terms(i, &unused);
     }
-    const F d = load(xs[i]) - mu;
-    store(rc.qz * (v - mean1 - coef * d), &dx[i]);
+    const F d = to_compute(xs[i]) - mu;
+    store_compute(b.rc.qz * (v - mean1 - coef * d), &dx[i]);
   }
 }
 
-Params make_params(const at::Tensor& x, const at::Tensor& step_d, double gamma, double kappa,
-                   int64_t divergence, int64_t normalize, double temperature) {
-  Params a;
-  a.channels = x.size(1);
-  a.rows = x.size(0) * x.size(1);
-  a.n = a.rows == 0 ? 0 : x.numel() / a.rows;
-  a.gamma = gamma;
-  a.kappa = kappa;
-  a.inv_t = 1.0 / temperature;
-  a.js = divergence == kDivJs;
-  a.softmax = normalize == kNormSoftmax;
-  a.step = step_d.defined() ? step_d.data_ptr<double>() : nullptr;
-  a.step_numel = step_d.defined() ? step_d.numel() : 0;
+void check_rows(const RowConfig& a) {
   TORCH_CHECK(a.rows <= std::numeric_limits<int32_t>::max(),
               "ada_loss: N * C must be < 2^31 on CUDA, got ", a.rows);
-  return a;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ada_loss_cuda(
@@ -284,9 +228,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ada_loss_cuda(
   const at::Tensor xs = student.contiguous(), xt = teacher.contiguous();
   const at::Tensor xsq = has_q ? student_q->contiguous() : at::Tensor();
   const at::Tensor xtq = has_q ? teacher_q->contiguous() : at::Tensor();
-  const at::Tensor step_d = step.has_value() ? step->to(at::kDouble).contiguous() : at::Tensor();
-  const Params a = make_params(student, step_d, gamma, kappa, divergence, normalize, temperature);
-  const auto ct = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor step_d = step_as_double(step);
+  const RowConfig a = make_row_config(student, step_d, gamma, kappa, divergence, normalize, temperature);
+  check_rows(a);
+  const auto ct = compute_dtype(student);
   const auto opts = student.options().dtype(ct);
   at::Tensor p = at::empty(student.sizes(), opts);
   at::Tensor stats = at::empty({student.size(0), student.size(1), kRowStats}, opts);
@@ -296,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ada_loss_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_storage(student.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    using F = typename Compute<T>::type;
+    using F = typename ComputeType<T>::type;
     const T* s = static_cast<const T*>(xs.data_ptr());
     const T* t = static_cast<const T*>(xt.data_ptr());
     const T* sq = has_q ? static_cast<const T*>(xsq.data_ptr()) : nullptr;
@@ -322,31 +267,23 @@ at::Tensor ada_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& stud
                                   const std::optional<at::Tensor>& step, const at::Tensor& teacher_dist,
                                   const at::Tensor& row_stats, double gamma, double kappa,
                                   int64_t divergence, int64_t normalize, double temperature) {
-  check_ada_args(student, student, student_q, student_q, step, gamma, kappa, divergence, normalize,
-                 temperature);
-  const auto ct = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad.dim() == 0 && grad.scalar_type() == ct && grad.device() == student.device(),
-              "ada_loss_backward: grad must be a 0-dim ", ct, " tensor on the student's device");
-  TORCH_CHECK(teacher_dist.sizes() == student.sizes() && teacher_dist.scalar_type() == ct,
-              "ada_loss_backward: teacher_dist must be ", ct, " of shape ", student.sizes());
-  TORCH_CHECK(row_stats.dim() == 3 && row_stats.size(0) == student.size(0) &&
-                  row_stats.size(1) == student.size(1) && row_stats.size(2) == kRowStats &&
-                  row_stats.scalar_type() == ct,
-              "ada_loss_backward: row_stats must be ", ct, " of shape [N, C, ", kRowStats, "]");
+  check_ada_backward_args(grad, student, student_q, step, teacher_dist, row_stats, gamma, kappa,
+                          divergence, normalize, temperature);
   const c10::cuda::CUDAGuard guard(student.device());
   const bool has_q = student_q.has_value();
   const at::Tensor xs = student.contiguous();
   const at::Tensor xsq = has_q ? student_q->contiguous() : at::Tensor();
   const at::Tensor p = teacher_dist.contiguous(), stats = row_stats.contiguous();
   const at::Tensor g = grad.contiguous();
-  const at::Tensor step_d = step.has_value() ? step->to(at::kDouble).contiguous() : at::Tensor();
-  const Params a = make_params(student, step_d, gamma, kappa, divergence, normalize, temperature);
+  const at::Tensor step_d = step_as_double(step);
+  const RowConfig a = make_row_config(student, step_d, gamma, kappa, divergence, normalize, temperature);
+  check_rows(a);
   at::Tensor dx = at::empty(student.sizes(), student.options());
   if (a.rows == 0) return dx;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_storage(student.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    using F = typename Compute<T>::type;
+    using F = typename ComputeType<T>::type;
     const T* s = static_cast<const T*>(xs.data_ptr());
     const T* sq = has_q ? static_cast<const T*>(xsq.data_ptr()) : nullptr;
     const F* gp = static_cast<const F*>(g.data_ptr());
@@ -365,11 +302,9 @@ at::Tensor ada_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& stud
 }
 
 }  // namespace
+}  // namespace q2ext::ada_loss::cuda
 
 TORCH_LIBRARY_IMPL(q2ext, CUDA, m) {
-  m.impl("ada_loss", &ada_loss_cuda);
-  m.impl("ada_loss_backward", &ada_loss_backward_cuda);
+  m.impl("ada_loss", &q2ext::ada_loss::cuda::ada_loss_cuda);
+  m.impl("ada_loss_backward", &q2ext::ada_loss::cuda::ada_loss_backward_cuda);
 }
-
-}  // namespace gpu_ada
-}  // namespace q2ext

@@ -13,8 +13,9 @@
 // All per-element math is fake_quant_math.h, the code the CPU kernels (and tests) run.
 //
 // Determinism: no atomics.  The partition depends only on the tensor geometry and the
-// device (SM count, occupancy); every unit writes its (scale, clip) sums to its own slot
-// of a partial buffer and finalize_kernel adds a channel's slots in a fixed order.
+// device (SM count, occupancy: cached per device, device_cache.cuh); every unit writes its
+// (scale, clip) sums to its own slot of a partial buffer and finalize_kernel adds a
+// channel's slots in a fixed order.
 // Accuracy: fp32 sums only within one vector (runs) or over at most kMaxRowsPerThread
 // rows (columns, like the CPU's row blocks); double from there on.
 #include <c10/cuda/CUDAException.h>
@@ -30,10 +31,10 @@
 #include <numeric>
 #include <type_traits>
 
+#include "device_cache.cuh"
 #include "q2ext/fake_quant_args.h"
 
-namespace q2ext {
-namespace gpu {
+namespace q2ext::fake_quant::cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -44,7 +45,6 @@ constexpr int64_t kMinVecsPerLane = 4;     // runs: amortises the per-unit setup
 constexpr int64_t kMinRowsPerThread = 8;   // columns: keeps the partial buffer small
 constexpr int64_t kMaxRowsPerThread = 64;  // columns: bounds the fp32 partial sums
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <typename T, int V>
@@ -353,12 +353,8 @@ Plan launch_v(Args<T> a, at::Tensor* partial, cudaStream_t st) {
     else return runs_kernel<T, V, kBwd, kMode>;
   }();
   const int device = c10::cuda::current_device();
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const auto waves_of = [&](int block) {  // resident blocks of that size, whole device
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block, 0));
-    return int64_t{std::max(per_sm, 1)} * sms;
+    return int64_t{kernel_blocks_per_sm(kernel, block, device)} * device_sm_count(device);
   };
   const Plan pl = make_plan(a, kColumns, V, waves_of);
   TORCH_CHECK(pl.blocks < (int64_t{1} << 31), "q2ext fake quant (CUDA): tensor too large");
@@ -490,10 +486,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
 }
 
 }  // namespace
-}  // namespace gpu
-}  // namespace q2ext
+}  // namespace q2ext::fake_quant::cuda
 
 TORCH_LIBRARY_IMPL(q2ext, CUDA, m) {
-  m.impl("fake_quant", &q2ext::gpu::fake_quant_cuda);
-  m.impl("fake_quant_backward", &q2ext::gpu::fake_quant_backward_cuda);
+  m.impl("fake_quant", &q2ext::fake_quant::cuda::fake_quant_cuda);
+  m.impl("fake_quant_backward", &q2ext::fake_quant::cuda::fake_quant_backward_cuda);
 }

@@ -4,16 +4,20 @@
 // neighbouring threads read neighbouring pixels of a channel plane, so every load is
 // coalesced.  In channels_last each thread reads its own contiguous channel row; the
 // sectors it touches are reused from L1 on the following channels (a warp-per-pixel
-// variant would coalesce better and is the next step if profiles ask for it).
+// variant would coalesce better).
 //
-// Forward: one read of the branches for shifted sums (shift = the pixel's first fused
-// value, which keeps sum/sum-of-squares well conditioned), one more read to normalise and
-// write.  Backward: one read for the two channel means of the LN gradient, one to write
-// every branch gradient, accumulating ||dx_i||^2 per thread in registers (branch loops
-// are unrolled to kGbMaxBranches with a guard so the array stays in registers).
+// Forward: one read of the branches for the pixel's statistics (gb_moments_*: sums shifted
+// by the pixel's first fused value and accumulated in double, which stays accurate when
+// that value is an outlier; the CPU tests run the same header code), one more read to
+// normalise and write.  Backward: one read for the two channel means of the LN gradient,
+// one to write every branch gradient, accumulating ||dx_i||^2 per thread in double
+// registers (branch loops are unrolled to kGbMaxBranches with a guard so the array stays
+// in registers).  The optional affine gradients (dweight, dbias) are sums over all pixels
+// per channel: a 2-D grid of (channel tile, pixel slice) blocks, laid out so that loads
+// coalesce in either layout, and a finalize kernel over the slices.
 //
-// No atomics and no host sync: each block reduces its squares in a fixed shuffle/shared
-// order into its own slot of a partial buffer, a one-block kernel adds the slots in order
+// No atomics and no host sync: each block reduces its sums in a fixed shuffle/shared
+// order into its own slot of a partial buffer, a small kernel adds the slots in order
 // (deterministic for a given device), and gb_fusion_update runs the controller law in a
 // one-thread kernel on the same stream.  alpha = softmax(lam) is computed per block from
 // lam on the device.  The per-element math is gb_fusion_math.h, shared with the CPU.
@@ -27,11 +31,11 @@
 #include <algorithm>
 #include <vector>
 
+#include "device_cache.cuh"
 #include "q2ext/gb_fusion_args.h"
 #include "q2ext/gb_fusion_math.h"
 
-namespace q2ext {
-namespace gpu_gb {
+namespace q2ext::gb_fusion::cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -54,8 +58,8 @@ __device__ __forceinline__ int64_t at_idx(const Params& P, int64_t n, int64_t c,
 }
 
 template <typename T>
-__device__ __forceinline__ typename GbAcc<T>::type ld(const void* base, int64_t i) {
-  return gb_load(static_cast<const T*>(base)[i]);
+__device__ __forceinline__ typename ComputeType<T>::type ld(const void* base, int64_t i) {
+  return to_compute(static_cast<const T*>(base)[i]);
 }
 
 // Calls f(co, h) for every fused channel of pixel (n, p), in channel order.
@@ -97,31 +101,22 @@ __device__ __forceinline__ void block_alpha(const float* src, bool softmax, int 
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(Params P, const float* __restrict lam,
-    float* __restrict alpha_out, const typename GbAcc<T>::type* __restrict w,
-    const typename GbAcc<T>::type* __restrict b, T* __restrict out, typename GbAcc<T>::type* __restrict mean_out,
-    typename GbAcc<T>::type* __restrict rstd_out, double eps) {
-  using A = typename GbAcc<T>::type;
+    float* __restrict alpha_out, const typename ComputeType<T>::type* __restrict w,
+    const typename ComputeType<T>::type* __restrict b, T* __restrict out, typename ComputeType<T>::type* __restrict mean_out,
+    typename ComputeType<T>::type* __restrict rstd_out, double eps) {
+  using A = typename ComputeType<T>::type;
   __shared__ float s_alpha[kGbMaxBranches];
   block_alpha(lam, true, P.k, s_alpha, alpha_out);
-  const A inv_c = A(1) / static_cast<A>(P.c_out);
   for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < P.total; q += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = q / P.hw, p = q % P.hw;
-    A shift = A(0), s1 = A(0), s2 = A(0);
-    visit_h<T, A>(P, s_alpha, n, p, [&](int64_t co, A h) {
-      if (co == 0) shift = h;
-      const A d = h - shift;
-      s1 += d;
-      s2 += d * d;
-    });
-    const A m1 = s1 * inv_c;
-    A var = s2 * inv_c - m1 * m1;
-    var = var > A(0) ? var : A(0);
-    const A mean = shift + m1;
-    const A rstd = A(1) / sqrt(var + static_cast<A>(eps));
+    GbMoments mom = gb_moments_init();
+    visit_h<T, A>(P, s_alpha, n, p, [&](int64_t co, A h) { gb_moments_add(mom, static_cast<double>(h), co == 0); });
+    const GbStats<A> st = gb_moments_stats<A>(mom, P.c_out, eps);
+    const A mean = st.mean, rstd = st.rstd;
     visit_h<T, A>(P, s_alpha, n, p, [&](int64_t co, A h) {
       A y = (h - mean) * rstd;
       if (w != nullptr) y = y * w[co] + b[co];
-      gb_store(y, &out[at_idx(P, n, co, p, P.c_out)]);
+      store_compute(y, &out[at_idx(P, n, co, p, P.c_out)]);
     });
     mean_out[q] = mean;
     rstd_out[q] = rstd;
@@ -130,24 +125,24 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params P, const float
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const float* __restrict alpha,
-    const T* __restrict grad, const typename GbAcc<T>::type* __restrict w,
-    const typename GbAcc<T>::type* __restrict mean_in, const typename GbAcc<T>::type* __restrict rstd_in,
+    const T* __restrict grad, const typename ComputeType<T>::type* __restrict w,
+    const typename ComputeType<T>::type* __restrict mean_in, const typename ComputeType<T>::type* __restrict rstd_in,
     double* __restrict partial) {
-  using A = typename GbAcc<T>::type;
+  using A = typename ComputeType<T>::type;
   __shared__ float s_alpha[kGbMaxBranches];
   __shared__ double s_red[kWarps][kGbMaxBranches];
   block_alpha(alpha, false, P.k, s_alpha, nullptr);
   const A inv_c = A(1) / static_cast<A>(P.c_out);
-  A sq[kGbMaxBranches];
+  double sq[kGbMaxBranches];  // ||dx_i||^2: double across the grid-stride loop, like the CPU's sums
 #pragma unroll
-  for (int i = 0; i < kGbMaxBranches; ++i) sq[i] = A(0);
+  for (int i = 0; i < kGbMaxBranches; ++i) sq[i] = 0.0;
   for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < P.total; q += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = q / P.hw, p = q % P.hw;
     const A mean = mean_in[q], rstd = rstd_in[q];
     A m1 = A(0), m2 = A(0);
     visit_h<T, A>(P, s_alpha, n, p, [&](int64_t co, A h) {
       const A y = (h - mean) * rstd;
-      const A gy = gb_load(grad[at_idx(P, n, co, p, P.c_out)]) * (w != nullptr ? w[co] : A(1));
+      const A gy = to_compute(grad[at_idx(P, n, co, p, P.c_out)]) * (w != nullptr ? w[co] : A(1));
       m1 += gy;
       m2 += gy * y;
     });
@@ -161,10 +156,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const floa
         for (int64_t c = 0; c < P.c[i]; ++c) {
           const int64_t co = P.off[i] + c, xi = at_idx(P, n, c, p, P.c[i]);
           const A y = (al * ld<T>(P.x[i], xi) - mean) * rstd;
-          const A gy = gb_load(grad[at_idx(P, n, co, p, P.c_out)]) * (w != nullptr ? w[co] : A(1));
+          const A gy = to_compute(grad[at_idx(P, n, co, p, P.c_out)]) * (w != nullptr ? w[co] : A(1));
           const A d = al * gb_ln_grad<A>(gy, y, m1, m2, rstd);
-          gb_store(d, &static_cast<T*>(P.dx[i])[xi]);
-          sq[i] += d * d;
+          store_compute(d, &static_cast<T*>(P.dx[i])[xi]);
+          sq[i] += static_cast<double>(d) * static_cast<double>(d);
         }
       }
     } else {
@@ -174,14 +169,14 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const floa
 #pragma unroll
         for (int i = 0; i < kGbMaxBranches; ++i)
           if (i < P.k) h = h + static_cast<A>(s_alpha[i]) * ld<T>(P.x[i], xi);
-        const A gy = gb_load(grad[xi]) * (w != nullptr ? w[c] : A(1));
+        const A gy = to_compute(grad[xi]) * (w != nullptr ? w[c] : A(1));
         const A dh = gb_ln_grad<A>(gy, (h - mean) * rstd, m1, m2, rstd);
 #pragma unroll
         for (int i = 0; i < kGbMaxBranches; ++i) {
           if (i < P.k) {
             const A d = static_cast<A>(s_alpha[i]) * dh;
-            gb_store(d, &static_cast<T*>(P.dx[i])[xi]);
-            sq[i] += d * d;
+            store_compute(d, &static_cast<T*>(P.dx[i])[xi]);
+            sq[i] += static_cast<double>(d) * static_cast<double>(d);
           }
         }
       }
@@ -192,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Params P, const floa
 #pragma unroll
   for (int i = 0; i < kGbMaxBranches; ++i) {
     if (i >= P.k) break;
-    double v = static_cast<double>(sq[i]);
+    double v = sq[i];
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if (lane == 0) s_red[warp][i] = v;
   }
@@ -214,44 +209,63 @@ __global__ void finalize_kernel(const double* __restrict partial, int blocks, in
   if (lane == 0) g_sq[i] = static_cast<float>(v);
 }
 
-// Optional affine LN: one block per fused channel reduces g*y and g over all pixels.
+// Optional affine LN: dw[c] = sum over pixels of g * y, db[c] = sum of g.  Block (x, y) owns
+// `cols` fused channels and pixel slice y; thread t takes channel t % cols and every
+// (kThreads / cols)-th pixel of the slice from t / cols.  channels_last: cols = 32, so a
+// warp reads 32 consecutive channels of one pixel (one coalesced line); NCHW: cols = 1 and
+// the block's threads read consecutive pixels of the channel's plane.  Each block writes its
+// per-channel sums (double) to its own slot; affine_finalize_kernel adds the slices in order.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) affine_grad_kernel(Params P, const float* __restrict alpha,
-    const T* __restrict grad, const typename GbAcc<T>::type* __restrict mean_in,
-    const typename GbAcc<T>::type* __restrict rstd_in, typename GbAcc<T>::type* __restrict dw,
-    typename GbAcc<T>::type* __restrict db) {
-  using A = typename GbAcc<T>::type;
-  __shared__ double s_w[kWarps], s_b[kWarps];
-  const int64_t co = blockIdx.x;
-  int bi = 0;  // concat: the branch owning channel co
-  for (int i = 0; i < P.k; ++i)
-    if (P.mode == kGbConcat && co >= P.off[i]) bi = i;
+    const T* __restrict grad, const typename ComputeType<T>::type* __restrict mean_in,
+    const typename ComputeType<T>::type* __restrict rstd_in, int cols, int64_t slice,
+    double* __restrict partial) {
+  using A = typename ComputeType<T>::type;
+  __shared__ double s_w[kThreads], s_b[kThreads];
+  const int col = threadIdx.x % cols, row = threadIdx.x / cols, rows = kThreads / cols;
+  const int64_t co = static_cast<int64_t>(blockIdx.x) * cols + col;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * slice;
+  const int64_t q1 = q0 + slice < P.total ? q0 + slice : P.total;
   double sw = 0.0, sb = 0.0;
-  for (int64_t q = threadIdx.x; q < P.total; q += blockDim.x) {
-    const int64_t n = q / P.hw, p = q % P.hw;
-    A h = A(0);
-    if (P.mode == kGbConcat) {
-      h = static_cast<A>(alpha[bi]) * ld<T>(P.x[bi], at_idx(P, n, co - P.off[bi], p, P.c[bi]));
-    } else {
-      for (int i = 0; i < P.k; ++i) h = h + static_cast<A>(alpha[i]) * ld<T>(P.x[i], at_idx(P, n, co, p, P.c_out));
+  if (co < P.c_out) {
+    int bi = 0;  // concat: the branch owning channel co
+    for (int i = 1; i < P.k; ++i)
+      if (P.mode == kGbConcat && co >= P.off[i]) bi = i;
+    for (int64_t q = q0 + row; q < q1; q += rows) {
+      const int64_t n = q / P.hw, p = q % P.hw;
+      A h;  // the fused value, formed as visit_h forms it
+      if (P.mode == kGbConcat) {
+        h = static_cast<A>(alpha[bi]) * ld<T>(P.x[bi], at_idx(P, n, co - P.off[bi], p, P.c[bi]));
+      } else {
+        h = static_cast<A>(alpha[0]) * ld<T>(P.x[0], at_idx(P, n, co, p, P.c_out));
+        for (int i = 1; i < P.k; ++i) h = h + static_cast<A>(alpha[i]) * ld<T>(P.x[i], at_idx(P, n, co, p, P.c_out));
+      }
+      const A g = to_compute(grad[at_idx(P, n, co, p, P.c_out)]);
+      sw += static_cast<double>(g * ((h - mean_in[q]) * rstd_in[q]));
+      sb += static_cast<double>(g);
     }
-    const A g = gb_load(grad[at_idx(P, n, co, p, P.c_out)]);
-    sw += static_cast<double>(g * ((h - mean_in[q]) * rstd_in[q]));
-    sb += static_cast<double>(g);
   }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int o = 16; o > 0; o >>= 1) {
-    sw += __shfl_xor_sync(0xffffffffu, sw, o);
-    sb += __shfl_xor_sync(0xffffffffu, sb, o);
-  }
-  if (lane == 0) s_w[warp] = sw, s_b[warp] = sb;
+  s_w[threadIdx.x] = sw;
+  s_b[threadIdx.x] = sb;
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (row == 0 && co < P.c_out) {  // the rows of one channel, in a fixed order
     double tw = 0.0, tb = 0.0;
-    for (int wi = 0; wi < kWarps; ++wi) tw += s_w[wi], tb += s_b[wi];
-    dw[co] = static_cast<A>(tw);
-    db[co] = static_cast<A>(tb);
+    for (int r = 0; r < rows; ++r) tw += s_w[r * cols + col], tb += s_b[r * cols + col];
+    double* out = partial + 2 * (static_cast<int64_t>(blockIdx.y) * P.c_out + co);
+    out[0] = tw;
+    out[1] = tb;
   }
+}
+
+template <typename A>
+__global__ void affine_finalize_kernel(const double* __restrict partial, int64_t slices, int64_t c_out,
+                                       A* __restrict dw, A* __restrict db) {
+  const int64_t co = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (co >= c_out) return;
+  double tw = 0.0, tb = 0.0;
+  for (int64_t y = 0; y < slices; ++y) tw += partial[2 * (y * c_out + co)], tb += partial[2 * (y * c_out + co) + 1];
+  dw[co] = static_cast<A>(tw);
+  db[co] = static_cast<A>(tb);
 }
 
 __global__ void update_kernel(float* lam, float* g_ema, const float* g_sq, const float* tau, int k, float beta,
@@ -261,63 +275,46 @@ __global__ void update_kernel(float* lam, float* g_ema, const float* g_sq, const
 
 // ---------------------------------------------------------------- host side
 
-int sm_count(int device) {
-  static int cache[64] = {0};
-  if (device < 64 && cache[device] > 0) return cache[device];
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device < 64) cache[device] = n;
-  return n;
-}
-
 int grid_for(int64_t total, int device) {
   const int64_t want = (total + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t(sm_count(device)) * kBlocksPerSm)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, int64_t(device_sm_count(device)) * kBlocksPerSm)));
 }
 
-using gb::check_vec;
-at::ScalarType acc_of(const at::Tensor& x) { return gb::acc_type(x); }
+// Grid of affine_grad_kernel: channel tiles x pixel slices, about kBlocksPerSm blocks per
+// SM in all, each thread with at least kAffineMinPixels pixels to sum.
+struct AffinePlan {
+  int cols;
+  int64_t tiles, slices, slice;
+};
 
-// Validates the branches and makes them dense in branches[0]'s layout.
-Params make_params(const at::TensorList& branches, int64_t mode, std::vector<at::Tensor>& dense) {
-  TORCH_CHECK(mode == kGbConcat || mode == kGbAdd, "q2ext gb_fusion: mode must be 0 (concat) or 1 (add), got ", mode);
-  const int64_t k = static_cast<int64_t>(branches.size());
-  TORCH_CHECK(k >= 2, "q2ext gb_fusion: branches must hold at least 2 tensors, got ", k);
-  TORCH_CHECK(k <= kGbMaxBranches, "q2ext gb_fusion: branches holds ", k, " tensors; at most ", kGbMaxBranches,
-              " are supported");
-  const at::Tensor& x0 = branches[0];
-  TORCH_CHECK(x0.dim() == 4, "q2ext gb_fusion: branches[0] must be 4-D (N, C, H, W), got ", x0.sizes());
-  const auto st = x0.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
-              "q2ext gb_fusion: branches[0] must be float32/16, bfloat16 or float64, got ", st);
+AffinePlan affine_plan(const Params& P, int64_t channels, int device) {
+  constexpr int64_t kAffineMinPixels = 16;
+  AffinePlan ap;
+  ap.cols = P.nhwc ? 32 : 1;
+  ap.tiles = ceil_div(channels, ap.cols);
+  const int64_t rows = kThreads / ap.cols;
+  const int64_t want = ceil_div(int64_t(device_sm_count(device)) * kBlocksPerSm, ap.tiles);
+  const int64_t most = std::max<int64_t>(1, ceil_div(P.total, rows * kAffineMinPixels));
+  const int64_t slices = std::clamp<int64_t>(want, 1, std::min<int64_t>(most, 65535));
+  ap.slice = std::max<int64_t>(1, ceil_div(P.total, slices));
+  ap.slices = std::max<int64_t>(1, ceil_div(P.total, ap.slice));
+  return ap;
+}
+
+// The kernels' view of the validated branches (check_branches keeps the dense copies).
+Params make_params(const BranchLayout& L, const at::Tensor& x0, int64_t mode) {
   Params P{};
-  P.nhwc = x0.is_contiguous(at::MemoryFormat::ChannelsLast) && !x0.is_contiguous();
-  const auto fmt = P.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  P.k = static_cast<int>(k);
+  P.nhwc = L.nhwc;
+  P.k = static_cast<int>(L.k);
   P.mode = static_cast<int>(mode);
   P.hw = x0.size(2) * x0.size(3);
   P.total = x0.size(0) * P.hw;
-  int64_t c = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    const at::Tensor& x = branches[i];
-    TORCH_CHECK(x.dim() == 4, "q2ext gb_fusion: branches[", i, "] must be 4-D, got ", x.sizes());
-    const char* dims = "NCHW";
-    for (int d : {0, 2, 3})
-      TORCH_CHECK(x.size(d) == x0.size(d), "q2ext gb_fusion: branches[", i, "] has ", dims[d], "=", x.size(d),
-                  " but branches[0] has ", dims[d], "=", x0.size(d));
-    TORCH_CHECK(x.scalar_type() == st, "q2ext gb_fusion: branches[", i, "] is ", x.scalar_type(),
-                " but branches[0] is ", st);
-    TORCH_CHECK(x.device() == x0.device(), "q2ext gb_fusion: branches[", i, "] is on ", x.device(),
-                " but branches[0] is on ", x0.device());
-    TORCH_CHECK(mode != kGbAdd || x.size(1) == x0.size(1), "q2ext gb_fusion: mode add needs equal channels: branches[",
-                i, "] has C=", x.size(1), ", branches[0] has C=", x0.size(1));
-    dense.push_back(x.contiguous(fmt));
-    P.x[i] = dense.back().data_ptr();
-    P.c[i] = x.size(1);
-    P.off[i] = mode == kGbConcat ? c : 0;
-    c = mode == kGbConcat ? c + x.size(1) : x.size(1);
+  P.c_out = L.c_out;
+  for (int64_t i = 0; i < L.k; ++i) {
+    P.x[i] = L.dense[i].data_ptr();
+    P.c[i] = L.c[i];
+    P.off[i] = L.off[i];
   }
-  P.c_out = c;
   return P;
 }
 
@@ -334,13 +331,13 @@ void dispatch_dtype(at::ScalarType st, F&& f) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cuda(
     at::TensorList branches, const at::Tensor& lam, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, int64_t mode, double eps) {
-  std::vector<at::Tensor> dense;
-  Params P = make_params(branches, mode, dense);
+  const BranchLayout L = check_branches(branches, mode);
   const at::Tensor& x0 = branches[0];
+  Params P = make_params(L, x0, mode);
   c10::cuda::CUDAGuard guard(x0.device());
-  const auto acc = acc_of(x0);
-  gb::check_forward_params(x0, lam, weight, bias, P.k, P.c_out, eps);
-  const auto fmt = P.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto acc = acc_type(x0);
+  check_forward_params(x0, lam, weight, bias, P.k, P.c_out, eps);
+  const auto fmt = L.format();
   at::Tensor out = at::empty({x0.size(0), P.c_out, x0.size(2), x0.size(3)}, x0.options(), fmt);
   at::Tensor mean = at::empty({x0.size(0), x0.size(2), x0.size(3)}, x0.options().dtype(acc));
   at::Tensor rstd = at::empty_like(mean);
@@ -356,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cud
   const int grid = grid_for(P.total, x0.get_device());
   dispatch_dtype(x0.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    using A = typename GbAcc<T>::type;
+    using A = typename ComputeType<T>::type;
     forward_kernel<T><<<grid, kThreads, 0, stream>>>(
         P, lam_c.data_ptr<float>(), alpha.data_ptr<float>(), w.defined() ? static_cast<const A*>(w.data_ptr()) : nullptr,
         b.defined() ? static_cast<const A*>(b.data_ptr()) : nullptr, static_cast<T*>(out.data_ptr()),
@@ -369,19 +366,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gb_fusion_forward_cud
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusion_backward_cuda(
     const at::Tensor& grad, at::TensorList branches, const at::Tensor& alpha, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd, int64_t mode, const std::optional<at::Tensor>& out) {
-  std::vector<at::Tensor> dense;
-  Params P = make_params(branches, mode, dense);
+  const BranchLayout L = check_branches(branches, mode);
   const at::Tensor& x0 = branches[0];
+  Params P = make_params(L, x0, mode);
   c10::cuda::CUDAGuard guard(x0.device());
   // The CUDA kernel recomputes y from the branches; `out` is only validated (see the header).
-  gb::check_backward_params(grad, x0, P.c_out, alpha, P.k, mean, rstd, weight, out);
-  const auto acc = acc_of(x0);
-  const auto fmt = P.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  check_backward_params(grad, x0, P.c_out, alpha, P.k, mean, rstd, weight, out);
+  const auto acc = acc_type(x0);
+  const auto fmt = L.format();
   at::Tensor gd = grad.contiguous(fmt), mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   at::Tensor alpha_c = alpha.contiguous();
   std::vector<at::Tensor> grads;
   for (int i = 0; i < P.k; ++i) {
-    grads.push_back(at::empty_like(dense[i], fmt));
+    grads.push_back(at::empty_like(L.dense[i], fmt));
     P.dx[i] = grads.back().data_ptr();
   }
   at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
@@ -393,7 +390,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusio
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(x0.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    using A = typename GbAcc<T>::type;
+    using A = typename ComputeType<T>::type;
     const A* wp = w.defined() ? static_cast<const A*>(w.data_ptr()) : nullptr;
     backward_kernel<T><<<grid, kThreads, 0, stream>>>(P, alpha_c.data_ptr<float>(), static_cast<const T*>(gd.data_ptr()),
                                                       wp, static_cast<const A*>(mean_c.data_ptr()),
@@ -402,9 +399,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusio
     finalize_kernel<<<1, 32 * P.k, 0, stream>>>(partial.data_ptr<double>(), grid, P.k, g_sq.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (cw > 0) {
-      affine_grad_kernel<T><<<static_cast<unsigned>(cw), kThreads, 0, stream>>>(
-          P, alpha_c.data_ptr<float>(), static_cast<const T*>(gd.data_ptr()), static_cast<const A*>(mean_c.data_ptr()),
-          static_cast<const A*>(rstd_c.data_ptr()), static_cast<A*>(dw.data_ptr()), static_cast<A*>(db.data_ptr()));
+      const AffinePlan ap = affine_plan(P, cw, x0.get_device());
+      at::Tensor part = at::empty({ap.slices, cw, 2}, alpha.options().dtype(at::kDouble));
+      affine_grad_kernel<T><<<dim3(static_cast<unsigned>(ap.tiles), static_cast<unsigned>(ap.slices)), kThreads, 0,
+                              stream>>>(P, alpha_c.data_ptr<float>(), static_cast<const T*>(gd.data_ptr()),
+                                        static_cast<const A*>(mean_c.data_ptr()), static_cast<const A*>(rstd_c.data_ptr()),
+                                        ap.cols, ap.slice, part.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      affine_finalize_kernel<A><<<static_cast<unsigned>(ceil_div(cw, kThreads)), kThreads, 0, stream>>>(
+          part.data_ptr<double>(), ap.slices, cw, static_cast<A*>(dw.data_ptr()), static_cast<A*>(db.data_ptr()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -413,7 +416,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> gb_fusio
 
 void gb_fusion_update_cuda(const at::Tensor& lam, const at::Tensor& g_ema, const at::Tensor& g_sq,
                            const std::optional<at::Tensor>& tau, double beta, double eta, double eps, double lam_clip) {
-  const int64_t k = gb::check_update_args(lam, g_ema, g_sq, tau, lam_clip, kGbMaxBranches);
+  const int64_t k = check_update_args(lam, g_ema, g_sq, tau, lam_clip);
   c10::cuda::CUDAGuard guard(lam.device());
   at::Tensor gs = g_sq.contiguous();
   at::Tensor tc = tau.has_value() ? tau->contiguous() : at::Tensor();
@@ -425,11 +428,10 @@ void gb_fusion_update_cuda(const at::Tensor& lam, const at::Tensor& g_ema, const
 }
 
 }  // namespace
-}  // namespace gpu_gb
-}  // namespace q2ext
+}  // namespace q2ext::gb_fusion::cuda
 
 TORCH_LIBRARY_IMPL(q2ext, CUDA, m) {
-  m.impl("gb_fusion_forward", &q2ext::gpu_gb::gb_fusion_forward_cuda);
-  m.impl("gb_fusion_backward", &q2ext::gpu_gb::gb_fusion_backward_cuda);
-  m.impl("gb_fusion_update", &q2ext::gpu_gb::gb_fusion_update_cuda);
+  m.impl("gb_fusion_forward", &q2ext::gb_fusion::cuda::gb_fusion_forward_cuda);
+  m.impl("gb_fusion_backward", &q2ext::gb_fusion::cuda::gb_fusion_backward_cuda);
+  m.impl("gb_fusion_update", &q2ext::gb_fusion::cuda::gb_fusion_update_cuda);
 }

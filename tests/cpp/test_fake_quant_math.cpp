@@ -1,4 +1,4 @@
-// C++-level checks of csrc/include/q2ext/fake_quant_math.h against independent
+// C++-level checks of csrc/include/q2ext/numerics.h and fake_quant_math.h against independent
 // oracles: std::nearbyint for rounding, the compiler's _Float16 for half conversion,
 // and exhaustive round trips of every 16-bit pattern.  Run by ctest (CMakeLists.txt).
 #include <cmath>
@@ -6,21 +6,11 @@
 #include <cstring>
 #include <random>
 
+#include "expect.h"
 #include "q2ext/fake_quant_math.h"
 
 using namespace q2ext;
-
-static int failures = 0;
-#define EXPECT(cond, ...)                 \
-  do {                                    \
-    if (!(cond)) {                        \
-      if (++failures < 20) {              \
-        std::printf("FAIL %s: ", #cond);  \
-        std::printf(__VA_ARGS__);         \
-        std::printf("\n");                \
-      }                                   \
-    }                                     \
-  } while (0)
+using namespace q2ext::fake_quant;
 
 static void test_rounding() {
   // Exact ties and their neighbours over the range any grid uses.
@@ -136,6 +126,5 @@ int main() {
   test_half();
   test_bf16();
   test_forward_backward();
-  std::printf("%s (%d failures)\n", failures ? "FAILED" : "OK", failures);
-  return failures ? 1 : 0;
+  return q2ext_test::exit_code("fake_quant_math");
 }

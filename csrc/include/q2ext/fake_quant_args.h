@@ -1,6 +1,6 @@
 // Argument checks and memory geometry shared by the CPU and CUDA fake-quant ops.
-// The Python wrappers (q2ext/ops.py) check the same things with friendlier messages;
-// these checks keep direct torch.ops.q2ext.* calls safe.
+// The Python wrappers check the same things with friendlier messages; these checks keep
+// direct torch.ops.q2ext.* calls safe.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +10,7 @@
 #include "q2ext/fake_quant_math.h"
 
 namespace q2ext {
+namespace fake_quant {
 
 // A dense tensor is walked in memory order as [outer, C, inner]: for any
 // non-overlapping dense layout (contiguous, channels_last, permuted) the index along
@@ -91,4 +92,5 @@ inline void check_fq_backward_args(const at::Tensor& grad, const at::Tensor& x, 
               grad.device(), " but x is on ", x.device());
 }
 
+}  // namespace fake_quant
 }  // namespace q2ext

@@ -1,97 +1,18 @@
 // Per-element math of the fake-quant family, shared by the CPU kernels (every ISA
 // path) and the CUDA kernels, so that the CPU tests exercise the exact arithmetic
-// the GPU runs.  The semantics are those of q2ext/reference.py.
-//
-// Rules that keep all backends bit-identical to the reference and to ATen:
-//  * every product/sum is rounded separately (no FMA contraction): CPU code is built
-//    with -ffp-contract=off, device code uses the explicitly rounded intrinsics;
-//  * rounding is half-to-even through the 1.5*2^23 trick, exact for |v| < 2^22; for
-//    larger |v| the value is far outside any supported grid (|quant_min|, |quant_max|
-//    <= 2^16) so it only has to stay on the correct side, which it does;
-//  * everything here has internal linkage (static): the ISA-specific CPU translation
-//    units compile it with AVX-512/AVX2 enabled, and a shared inline copy could be
-//    picked by the linker for the baseline code path.
+// the GPU runs.  The semantics are those of q2ext/reference/fake_quant.py; the rounding
+// and bit-exactness rules are numerics.h's.
 #pragma once
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define Q2_HD static __host__ __device__ __forceinline__
-#else
-#define Q2_HD static inline __attribute__((always_inline))
-#endif
+#include "q2ext/numerics.h"
 
 namespace q2ext {
+namespace fake_quant {
 
-// Modes of the fake-quant kernels (keep in sync with q2ext/_ops.py).
+// Modes of the fake-quant kernels (keep in sync with q2ext/_ops/fake_quant.py).
 enum : int64_t { kModeAffine = 0, kModePact = 1 };
-
-constexpr float kScaleMin = 1.1920928955078125e-07f;  // FLT_EPSILON, as torch.ao's learnable module
-constexpr float kScaleMax = 3.4028234663852886e+38f;  // FLT_MAX
-
-Q2_HD float q2_mul(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-Q2_HD float q2_add(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-Q2_HD float q2_sub(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-
-Q2_HD uint32_t f32_bits(float f) {
-  union {
-    float f;
-    uint32_t u;
-  } v;
-  v.f = f;
-  return v.u;
-}
-Q2_HD float bits_f32(uint32_t u) {
-  union {
-    float f;
-    uint32_t u;
-  } v;
-  v.u = u;
-  return v.f;
-}
-
-// Branch-free selects.  Every per-element choice goes through these bit masks: with
-// `c ? a : b` GCC sinks loads and arithmetic into branches and then (notably for AVX2,
-// which lacks mask registers) refuses to vectorise the loop.
-Q2_HD uint32_t mask_of(bool c) { return 0u - static_cast<uint32_t>(c); }
-Q2_HD uint32_t select_u32(bool c, uint32_t a, uint32_t b) {
-  uint32_t m = mask_of(c);
-  return (a & m) | (b & ~m);
-}
-Q2_HD float select_f32(bool c, float a, float b) {
-  return bits_f32(select_u32(c, f32_bits(a), f32_bits(b)));
-}
-// v where c holds, else +0.
-Q2_HD float keep_if(bool c, float v) { return bits_f32(f32_bits(v) & mask_of(c)); }
-
-// Round half to even (see the header comment for the range argument).
-Q2_HD float round_half_even(float v) {
-  return q2_sub(q2_add(v, 12582912.0f), 12582912.0f);
-}
-
-// A scale that is NaN, <= 0 or tiny becomes kScaleMin, +inf becomes kScaleMax; the
-// gradient is then taken with respect to this effective scale.
-Q2_HD float sanitize_scale(float s) {
-  return s > kScaleMax ? kScaleMax : (s >= kScaleMin ? s : kScaleMin);
-}
 
 // Learnable zero points are floats; like ATen's learnable ops we use
 // clamp(nearbyint(zp), qmin, qmax) in forward *and* backward (ATen's per-tensor
@@ -193,49 +114,5 @@ Q2_HD FqGrad fq_backward(float dy, float x, float s, float s_inv, float zp, floa
   }
 }
 
-// Storage formats.  Conversions are written out so that they are identical on every
-// path and vectorise without F16C/AVX512-BF16 (round to nearest even, NaN kept quiet).
-struct bf16_t {
-  uint16_t bits;
-};
-struct f16_t {
-  uint16_t bits;
-};
-
-Q2_HD float to_f32(float v) { return v; }
-Q2_HD float to_f32(bf16_t v) { return bits_f32(static_cast<uint32_t>(v.bits) << 16); }
-Q2_HD float to_f32(f16_t v) {
-  // Scale the half's exponent/mantissa into a float and let the FPU renormalise
-  // subnormals: exponent bias moves from 15 to 127 by multiplying with 2^112.
-  uint32_t h = v.bits;
-  uint32_t sign = (h & 0x8000u) << 16;
-  uint32_t em = h & 0x7fffu;
-  float mag = q2_mul(bits_f32(em << 13), 5.192296858534828e+33f);  // 2^112
-  uint32_t bits = select_u32(em >= 0x7c00u, (em << 13) | 0x7f800000u, f32_bits(mag));
-  return bits_f32(sign | bits);
-}
-
-Q2_HD void from_f32(float f, float* out) { *out = f; }
-Q2_HD void from_f32(float f, bf16_t* out) {
-  uint32_t u = f32_bits(f);
-  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  out->bits = static_cast<uint16_t>(select_u32(f != f, (u >> 16) | 0x40u, rounded));
-}
-Q2_HD void from_f32(float f, f16_t* out) {
-  uint32_t u = f32_bits(f);
-  uint32_t sign = (u >> 16) & 0x8000u;
-  uint32_t a = u & 0x7fffffffu;
-  // All candidates computed, one picked: branch-free for the vectoriser.
-  uint32_t inf_nan = select_u32(a > 0x7f800000u, 0x7e00u, 0x7c00u);
-  // Half subnormal or zero: adding 0.5 aligns the half's subnormal ulp (2^-24) with the
-  // float ulp at 0.5, so the FPU's round-to-nearest-even does the rounding.
-  uint32_t subnormal = f32_bits(q2_add(bits_f32(a), 0.5f)) - 0x3f000000u;
-  // Normal: rebias the exponent (0xc8000000 = -(112 << 23)) and round the mantissa.
-  uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
-  uint32_t res = select_u32(a < 0x38800000u, subnormal, normal);
-  res = select_u32(a >= 0x477ff000u, 0x7c00u, res);  // rounds to >= 65520: inf
-  res = select_u32(a >= 0x7f800000u, inf_nan, res);
-  out->bits = static_cast<uint16_t>(sign | res);
-}
-
+}  // namespace fake_quant
 }  // namespace q2ext

@@ -1,43 +1,71 @@
 // Per-element and per-node math of Q-GBFusion, shared by the CPU kernels (every ISA
-// path) and the CUDA kernels.  Semantics: q2ext/gbfusion_reference.py.
+// path) and the CUDA kernels.  Semantics: q2ext/reference/gb_fusion.py.
 //
-// Storage types reuse fake_quant_math.h's bf16_t/f16_t conversions (round to nearest
-// even, branch-free, identical on every path).  The compute type is float for
-// fp32/fp16/bf16 branches and double for fp64 branches (so gradcheck runs on the
-// kernels themselves).  Everything is static (internal linkage) for the same reason as
-// in fake_quant_math.h: the CPU code inlines it into ISA-specific functions.
+// Storage and compute types are numerics.h's (ComputeType: float for fp32/fp16/bf16
+// branches, double for fp64 ones).  Everything is static (internal linkage) for the
+// reason given in numerics.h: the CPU code inlines it into ISA-specific functions.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
-#include "q2ext/fake_quant_math.h"
+#include "q2ext/numerics.h"
 
 namespace q2ext {
+namespace gb_fusion {
 
-// Fusion modes (keep in sync with q2ext/gbfusion_reference.py).
+// Fusion modes (keep in sync with MODE_CONCAT / MODE_ADD of q2ext/reference/gb_fusion.py).
 enum : int64_t { kGbConcat = 0, kGbAdd = 1 };
 constexpr int kGbMaxBranches = 16;
 
-template <typename T>
-struct GbAcc {
-  using type = float;
-};
-template <>
-struct GbAcc<double> {
-  using type = double;
+// ---------------------------------------------------------------- per-pixel statistics
+// Two passes (the CPU kernels, over a cached tile): mean = sum(h) / C, then
+// sum_sq = sum((h - mean)^2) and rstd below.  One pass (the CUDA kernel: a thread per
+// pixel, whose C values lie in C planes, so a second pass would read the branches again):
+// GbMoments, sums shifted by the pixel's first value and accumulated in double.  With
+// fp32 (or narrower) h, h - shift and its square are (nearly) exact in double, so
+// var = s2/C - m1^2 loses only the digits the cancellation takes from double's 53 bits:
+// when channel 0 is an outlier for its pixel both terms are ~ outlier^2, and fp32 sums
+// lost all of the variance's 24 bits.  (For fp64 storage the same sums keep ~16 -
+// log10(outlier^2 / var) digits.)
+struct GbMoments {
+  double shift, s1, s2;
 };
 
-Q2_HD float gb_load(float v) { return v; }
-Q2_HD float gb_load(bf16_t v) { return to_f32(v); }
-Q2_HD float gb_load(f16_t v) { return to_f32(v); }
-Q2_HD double gb_load(double v) { return v; }
-Q2_HD void gb_store(float v, float* o) { *o = v; }
-Q2_HD void gb_store(float v, bf16_t* o) { from_f32(v, o); }
-Q2_HD void gb_store(float v, f16_t* o) { from_f32(v, o); }
-Q2_HD void gb_store(double v, double* o) { *o = v; }
+Q2_HD GbMoments gb_moments_init() { return GbMoments{0.0, 0.0, 0.0}; }
 
-// rstd = 1 / sqrt(sum_sq / C + eps): the biased variance, as LayerNorm.
+// Adds one fused value h of the pixel; `first` for its channel 0, which sets the shift
+// (0 when it is not finite, so that an infinity gives the reference's +-inf mean, not
+// inf - inf = NaN).
+Q2_HD void gb_moments_add(GbMoments& m, double h, bool first) {
+  if (first) m.shift = h - h == 0.0 ? h : 0.0;
+  const double d = h - m.shift;
+  m.s1 += d;
+  m.s2 += d * d;
+}
+
+template <typename A>
+struct GbStats {
+  A mean, rstd;
+};
+
+// mean and rstd = 1 / sqrt(var + eps) of the pixel's C values (biased variance, as
+// LayerNorm).  A variance that rounding made slightly negative is 0; a NaN one (a NaN or
+// an infinity among the values) stays NaN, so rstd is NaN like the reference's, not
+// 1 / sqrt(eps).
+template <typename A>
+Q2_HD GbStats<A> gb_moments_stats(const GbMoments& m, int64_t c, double eps) {
+  const double inv_c = 1.0 / static_cast<double>(c);
+  const double m1 = m.s1 * inv_c;
+  double var = m.s2 * inv_c - m1 * m1;
+  var = var < 0.0 ? 0.0 : var;
+  GbStats<A> s;
+  s.mean = static_cast<A>(m.shift + m1);
+  s.rstd = static_cast<A>(1.0 / sqrt(var + eps));
+  return s;
+}
+
+// rstd = 1 / sqrt(sum_sq / C + eps): the biased variance, as LayerNorm.  NaN stays NaN.
 Q2_HD float gb_rstd(float sum_sq, float inv_c, float eps) {
   return 1.0f / sqrtf(sum_sq * inv_c + eps);
 }
@@ -93,4 +121,5 @@ Q2_HD void gb_update_law(float* lam, float* g_ema, const float* g_sq, const floa
   }
 }
 
+}  // namespace gb_fusion
 }  // namespace q2ext

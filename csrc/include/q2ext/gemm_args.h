@@ -1,18 +1,16 @@
 // Argument checks of the int8/int4 GEMM ops, shared by the CPU (csrc/cpu/gemm.cpp) and
 // CUDA (csrc/cuda/gemm_*.cu) kernels so that both reject the same inputs with the same
-// messages as the Python checks of q2ext/_ops_gemm.py (which the fake kernels run).
+// messages as the Python checks of q2ext/_ops/gemm.py (which the fake kernels run).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
 
-#include "q2ext/gemm_kernels.h"
+#include "q2ext/gemm_math.h"
 
 namespace q2ext {
 namespace gemm {
-
-inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A float32 vector [n] (or [1] when allow_one) on the device of `like` (named like_name).
 inline void check_f32_vec(const at::Tensor& t, const char* fn, const char* name, int64_t n,
@@ -64,12 +62,12 @@ inline at::ScalarType check_w8a8_mm(const at::Tensor& a, const at::Tensor& b,
               a.device());
   const int64_t N = w8a8_mm_n(b, b_scale);
   if (b.dim() == 4) {  // pack_int8_weight(w, signed_act) output: packed once, reused per call
-    const int64_t K = a.size(1), kq = ceil_div64(K, 4);
+    const int64_t K = a.size(1), kq = ceil_div(K, 4);
     const bool a_signed = a.scalar_type() == at::kChar;
-    TORCH_CHECK(b.size(0) == ceil_div64(N, kNB8) && b.size(1) == kq && b.size(2) == kNB8 &&
+    TORCH_CHECK(b.size(0) == ceil_div(N, kNB8) && b.size(1) == kq && b.size(2) == kNB8 &&
                     b.size(3) == 4 && b.is_contiguous(),
                 "q2ext.w8a8_mm: a packed b must be the contiguous output of pack_int8_weight, shape [",
-                ceil_div64(N, kNB8), ", ", kq, ", 64, 4] for N=b_scale.numel()=", N, ", K=", K,
+                ceil_div(N, kNB8), ", ", kq, ", 64, 4] for N=b_scale.numel()=", N, ", K=", K,
                 "; got ", b.sizes());
     TORCH_CHECK(b.scalar_type() == (a_signed ? at::kByte : at::kChar),
                 "q2ext.w8a8_mm: the packed b was packed for ", a_signed ? "unsigned" : "signed",
@@ -102,16 +100,16 @@ inline int64_t check_w8a8_linear(const at::Tensor& x, const at::Tensor& w_packed
   check_x(x, fn);
   check_act_range(quant_min, quant_max, fn);
   const bool a_signed = quant_min < 0;
-  const int64_t M = x.size(0), K = x.size(1), kq = ceil_div64(K, 4);
+  const int64_t M = x.size(0), K = x.size(1), kq = ceil_div(K, 4);
   TORCH_CHECK(w_scale.dim() == 1 && w_scale.numel() > 0,
               "q2ext.w8a8_linear: w_scale must be a 1-D float32 tensor [N]");
   const int64_t N = w_scale.numel();
   check_f32_vec(w_scale, fn, "w_scale", N, false, x, "x");
-  TORCH_CHECK(w_packed.dim() == 4 && w_packed.size(0) == ceil_div64(N, kNB8) &&
+  TORCH_CHECK(w_packed.dim() == 4 && w_packed.size(0) == ceil_div(N, kNB8) &&
                   w_packed.size(1) == kq && w_packed.size(2) == kNB8 && w_packed.size(3) == 4 &&
                   w_packed.is_contiguous(),
               "q2ext.w8a8_linear: w_packed must be the contiguous output of pack_int8_weight, "
-              "shape [", ceil_div64(N, kNB8), ", ", kq, ", 64, 4] for N=", N, ", K=", K, "; got ",
+              "shape [", ceil_div(N, kNB8), ", ", kq, ", 64, 4] for N=", N, ", K=", K, "; got ",
               w_packed.sizes());
   TORCH_CHECK(w_packed.scalar_type() == (a_signed ? at::kByte : at::kChar),
               "q2ext.w8a8_linear: w_packed was packed for ", a_signed ? "unsigned" : "signed",
@@ -144,10 +142,10 @@ inline int64_t check_w4a16_mm(const at::Tensor& x, const at::Tensor& w_packed,
               "q2ext.w4a16_mm: zeros must be float32 with the shape of scales ", scales.sizes(),
               ", got ", zeros.scalar_type(), " ", zeros.sizes());
   TORCH_CHECK(w_packed.scalar_type() == at::kByte && w_packed.dim() == 3 &&
-                  w_packed.size(0) == ceil_div64(N, kNB4) && w_packed.size(1) == K &&
+                  w_packed.size(0) == ceil_div(N, kNB4) && w_packed.size(1) == K &&
                   w_packed.size(2) == 8 && w_packed.is_contiguous(),
               "q2ext.w4a16_mm: w_packed must be the contiguous uint8 output of pack_int4, shape [",
-              ceil_div64(N, kNB4), ", ", K, ", 8] for N=", N, ", K=", K, "; got ",
+              ceil_div(N, kNB4), ", ", K, ", 8] for N=", N, ", K=", K, "; got ",
               w_packed.scalar_type(), " ", w_packed.sizes(), " (unpacked weights? use pack_int4)");
   const at::Tensor* others[] = {&w_packed, &scales, &zeros};
   const char* names[] = {"w_packed", "scales", "zeros"};

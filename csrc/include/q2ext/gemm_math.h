@@ -1,8 +1,8 @@
 // Per-element math of the int8/int4 GEMM ops, shared by the CPU kernels (gemm_loops.h,
 // every ISA path) and the CUDA kernels (csrc/cuda/gemm_*.cu), so that the CPU tests run
-// the arithmetic the GPU runs.  Semantics: q2ext/gemm_reference.py.
+// the arithmetic the GPU runs.  Semantics: q2ext/reference/gemm.py.
 //
-// Same rules as fake_quant_math.h (whose Q2_HD helpers this builds on): no torch or std
+// Same rules as numerics.h (whose Q2_HD helpers this builds on): no torch or std
 // headers, internal linkage, and every product/sum rounded separately (q2_mul/q2_add are
 // __fmul_rn/__fadd_rn on the device, so nvcc cannot contract them into an FMA that the
 // reference does not do).  The vectorised CPU epilogues (AVX-512) implement the same
@@ -11,10 +11,23 @@
 
 #include <cstdint>
 
-#include "q2ext/fake_quant_math.h"
+#include "q2ext/numerics.h"
 
 namespace q2ext {
 namespace gemm {
+
+// ---- packed weight layouts (pack_int8_weight, pack_int4) --------------------------------
+// W8A8: B [N, K] int8 in panels of kNB8 output columns in the VNNI order: panel p, k-quad
+// q, column j holds bytes B[p*kNB8 + j, 4q .. 4q+3] (zero past N or K), as [ceil(N/kNB8),
+// ceil(K/4), kNB8, 4] bytes.
+constexpr int64_t kNB8 = 64;
+// W4A16: blocks of kNB4 output columns; block b, row k holds 8 bytes, byte j =
+// q[16b + j, k] | q[16b + 8 + j, k] << 4 (one 8-byte load dequantises into 16 lanes in
+// column order).  w[n, k] = (q - 8) * scales[k / g, n] + zeros[k / g, n].
+constexpr int64_t kNB4 = 16;
+
+// Output kinds of the W8A8 epilogue.
+enum OutKind : int { kOutF32 = 0, kOutBF16 = 1, kOutI32 = 2 };
 
 // ---- activation quantisation ----------------------------------------------------------
 

@@ -1,11 +1,11 @@
 #pragma once
 // Host-side dispatch from a tensor's scalar type to the storage type the kernels read and
-// write: float and double as themselves, the 16-bit formats as fake_quant_math.h's
+// write: float and double as themselves, the 16-bit formats as numerics.h's
 // bf16_t / f16_t (bit patterns converted by the shared math, identically on CPU and GPU).
 // Callers have checked the dtype already: anything else is treated as float16.
 #include <c10/core/ScalarType.h>
 
-#include "q2ext/fake_quant_math.h"
+#include "q2ext/numerics.h"
 
 namespace q2ext {
 

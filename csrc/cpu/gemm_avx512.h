@@ -1,14 +1,15 @@
 // Pieces shared by the AVX-512 GEMM translation units (gemm_isa_avx512vnni.cpp,
 // gemm_isa_avx512bf16.cpp).  Include it after <immintrin.h>, under the unit's
-// `#pragma GCC target`; everything has internal linkage (see fake_quant_math.h on why).
+// `#pragma GCC target`; everything has internal linkage (see numerics.h on why).
 #pragma once
 
 #include <cstdint>
 
-#include "q2ext/gemm_kernels.h"
+#include "gemm_kernels.h"
 
 namespace q2ext {
 namespace gemm {
+namespace cpu {
 
 // Lane mask of the first min(rem, 16) columns.
 static inline __mmask16 lanes(int64_t rem) {
@@ -67,5 +68,6 @@ __attribute__((always_inline)) static inline void w4_factored_rows(
   }
 }
 
+}  // namespace cpu
 }  // namespace gemm
 }  // namespace q2ext

@@ -1,18 +1,19 @@
 // ISA-independent pieces of the CPU GEMM kernels: activation quantisation, the scalar
 // epilogue and the scalar W8A8/W4A16 tiles.  Compiled into every ISA translation unit
 // (gemm_isa_*.cpp) under that unit's `#pragma GCC target`, so the loops vectorise for
-// it; everything has internal linkage for the reason given in fake_quant_math.h.
-// Numerics are those of q2ext/gemm_reference.py.
+// it; everything has internal linkage for the reason given in numerics.h.
+// Numerics are those of q2ext/reference/gemm.py.
 #pragma once
 
 #include <cstdint>
 
 #include "q2ext/fake_quant_math.h"
-#include "q2ext/gemm_kernels.h"
+#include "gemm_kernels.h"
 #include "q2ext/gemm_math.h"
 
 namespace q2ext {
 namespace gemm {
+namespace cpu {
 
 // Quantise rows [m0, m1) of x to bytes: q = clamp(round_half_even(x * (1 / s)), qmin,
 // qmax), NaN -> 0; dynamic (no scale given): s = max|x_row| / qmax per row.  Also writes
@@ -144,14 +145,17 @@ static inline void w4a16_tile_scalar_impl(const W4A16Args& a, int64_t block, int
   }
 }
 
+}  // namespace cpu
 }  // namespace gemm
 }  // namespace q2ext
 
 #define Q2EXT_DECLARE_QUANT_ENTRY_POINT(ns)                                           \
   namespace q2ext {                                                                   \
   namespace gemm {                                                                    \
+  namespace cpu {                                                                      \
   namespace ns {                                                                      \
   void quantize_rows(const QuantArgs& a, int64_t m0, int64_t m1);                     \
+  }                                                                                   \
   }                                                                                   \
   }                                                                                   \
   }

@@ -8,9 +8,9 @@
 // PyTorch's own allocator does the same for every allocation when THP_MEM_ALLOC_ENABLE=1.
 #include <ATen/core/Tensor.h>
 
-namespace q2ext::cpu {
+namespace q2ext {
 
 // Call right after allocating `fresh` and before anything writes to it.
 void advise_huge_pages(const at::Tensor& fresh);
 
-}  // namespace q2ext::cpu
+}  // namespace q2ext

@@ -1,6 +1,6 @@
-// Per-element math of q2ext::ada_loss (Q-ADA), shared by the CPU kernel and the CUDA
-// kernel.  The semantics are those of q2ext/ada_reference.py; the derivation of the
-// backward is in ada_loss_backward's docstring there.
+// Per-element and per-row math of q2ext::ada_loss (Q-ADA), shared by the CPU kernel and
+// the CUDA kernel.  The semantics are those of q2ext/reference/ada_loss.py; the derivation
+// of the backward is in ada_loss_backward's docstring there.
 //
 // Compute types: float for fp32/fp16/bf16 storage, double for fp64 storage.
 //  * float: log and exp are the Cephes single-precision polynomials (about 1 ulp) written
@@ -18,40 +18,25 @@
 
 #include <cstdint>
 
-#include "q2ext/fake_quant_math.h"  // Q2_HD, bit casts, selects, bf16_t/f16_t conversions
+#include "q2ext/numerics.h"
 
 namespace q2ext {
-namespace ada {
+namespace ada_loss {
 
-// Keep in sync with q2ext/_ops_ada.py.
+// Keep in sync with q2ext/_ops/ada_loss.py.
 enum : int64_t { kDivJs = 0, kDivKl = 1 };
 enum : int64_t { kNormSigmoid = 0, kNormSoftmax = 1 };
 constexpr int kRowStats = 5;  // mu, sigma, sum of weights, max score, KL(R||M)
 
-constexpr float kInfF = __builtin_huge_valf();
-constexpr float kFltMin = 1.17549435082228750797e-38f;
-
-// ------------------------------------------------------------------ storage <-> compute
-Q2_HD float load(float v) { return v; }
-Q2_HD float load(bf16_t v) { return to_f32(v); }
-Q2_HD float load(f16_t v) { return to_f32(v); }
-Q2_HD double load(double v) { return v; }
-Q2_HD void store(float v, float* o) { *o = v; }
-Q2_HD void store(float v, bf16_t* o) { from_f32(v, o); }
-Q2_HD void store(float v, f16_t* o) { from_f32(v, o); }
-Q2_HD void store(double v, double* o) { *o = v; }
-
-template <typename T>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
-
 Q2_HD float sel(bool c, float a, float b) { return select_f32(c, a, b); }
 Q2_HD double sel(bool c, double a, double b) { return c ? a : b; }
+
+// max(a, b) that propagates NaN, like torch.amax (the reference's max score): a row with a
+// NaN score has a NaN max, as stored in row_stats, on every backend.
+template <typename F>
+Q2_HD F max_nan(F a, F b) {
+  return sel((a < b) | (b != b), b, a);
+}
 Q2_HD float absval(float v) { return bits_f32(f32_bits(v) & 0x7fffffffu); }
 Q2_HD double absval(double v) { return fabs(v); }
 
@@ -123,6 +108,16 @@ Q2_HD float exp_nonpos(float x) { return exp_nonpos_f32(x); }
 Q2_HD double exp_nonpos(double x) { return exp(x); }
 
 // ------------------------------------------------------------------ Q-ADA terms
+// The op's scalar arguments and the rows' geometry.  A row is one (sample, channel):
+// `length` = H*W contiguous elements of a contiguous input.
+struct RowConfig {
+  int64_t rows, channels, length;
+  double gamma, kappa, inv_temp;
+  bool js, softmax;
+  const double* step;  // quantizer step [1] or [channels] as double, or nullptr: each row's sigma
+  int64_t step_numel;
+};
+
 // Constants of one row (one sample, one channel) of one side.
 template <typename F>
 struct RowConsts {
@@ -131,6 +126,13 @@ struct RowConsts {
   F qr;   // 1 / (s + kappa), s = step or sigma
   F gamma;
 };
+
+template <typename F>
+Q2_HD RowConsts<F> row_consts(F mu, F sigma, int64_t channel, const RowConfig& cfg) {
+  const F kappa = static_cast<F>(cfg.kappa);
+  const F s = cfg.step ? static_cast<F>(cfg.step[cfg.step_numel == 1 ? 0 : channel]) : sigma;
+  return RowConsts<F>{mu, F(1) / (sigma + kappa), F(1) / (s + kappa), static_cast<F>(cfg.gamma)};
+}
 
 template <typename F>
 struct Score {
@@ -184,8 +186,10 @@ Q2_HD DivTerm<F> js_term(F p, F r) {
   F y = (p - r) * inv;
   F lp = log1p_pair((p + p) * inv, y);
   F lr = log1p_pair((r + r) * inv, -y);
-  F tp = sel(p > F(0), p * lp, F(0));  // selects also drop the NaN of p = r = 0
-  F tr = sel(r > F(0), r * lr, F(0));
+  // 0 log 0 = 0: the selects drop the NaN of p = r = 0.  Not positive is 0 or NaN, and
+  // p * 0 keeps a NaN p (a row with a NaN) NaN, as the reference's p * log(...) does.
+  F tp = sel(p > F(0), p * lp, p * F(0));
+  F tr = sel(r > F(0), r * lr, r * F(0));
   t.loss = F(0.5) * (tp + tr);
   t.r_log_rm = tr;
   return t;
@@ -195,8 +199,8 @@ template <typename F>
 Q2_HD F kl_term(F p, F r) {
   F inv = F(1) / r;
   F lp = log1p_pair(p * inv, (p - r) * inv);
-  F t = sel(r > F(0), p * lp, static_cast<F>(kInfF));
-  return sel(p > F(0), t, F(0));
+  F t = sel((r > F(0)) | (r != r), p * lp, static_cast<F>(kInfF));  // a NaN r gives NaN
+  return sel(p > F(0), t, p * F(0));  // 0 for p = 0, NaN for a NaN p
 }
 
 // d D / d S of one element, before the factor grad/(N C):
@@ -218,5 +222,55 @@ Q2_HD F dscore_of(F p, F r, F w, bool js, F kl_rm, bool softmax, F inv_temp) {
 Q2_HD float sign_of(float v) { return sel(v > 0.0f, 1.0f, sel(v < 0.0f, -1.0f, 0.0f)); }
 Q2_HD double sign_of(double v) { return v > 0.0 ? 1.0 : (v < 0.0 ? -1.0 : 0.0); }
 
-}  // namespace ada
+// Row statistics saved by the forward for the backward (kRowStats values, in this order).
+template <typename F>
+Q2_HD void store_row_stats(F* row, F mu, F sigma, double z, F max_score, double kl_rm) {
+  row[0] = mu;
+  row[1] = sigma;
+  row[2] = static_cast<F>(z);
+  row[3] = max_score;
+  row[4] = static_cast<F>(kl_rm);
+}
+
+// ------------------------------------------------------------------ backward rows
+// Constants of one student row in the backward, from the forward's row statistics
+// (kRowStats values: mu, sigma, sum of weights, max score, KL(R||M)).
+template <typename F>
+struct BackRow {
+  RowConsts<F> rc;
+  F max_score, inv_t, z, kl_rm;
+  F g0;            // incoming gradient / rows
+  F gamma2_sigma;  // 2 gamma when s = sigma (no step), else 0
+};
+
+template <typename F>
+Q2_HD BackRow<F> back_row(const F* stats_row, int64_t channel, const RowConfig& cfg, double grad) {
+  BackRow<F> b;
+  b.rc = row_consts(stats_row[0], stats_row[1], channel, cfg);
+  b.max_score = stats_row[3];
+  b.inv_t = static_cast<F>(cfg.inv_temp);
+  b.z = stats_row[2];
+  b.kl_rm = stats_row[4];
+  b.g0 = static_cast<F>(grad / static_cast<double>(cfg.rows));
+  b.gamma2_sigma = cfg.step == nullptr ? static_cast<F>(2.0 * cfg.gamma) : F(0);
+  return b;
+}
+
+// The two per-element terms of the backward: returns sign(d) dL/dz (through mu) and sets
+// *t_sigma = dL/dz z + [s = sigma] dL/dr r (through sigma).  The row's dx then is
+// qz (sign(d) dL/dz - mean(sign(d) dL/dz) - d sum(t_sigma) / (L sigma)).
+template <bool kHasQ, typename F>
+Q2_HD F backward_terms_of(F x, F xq, F p, const BackRow<F>& b, bool js, bool softmax,
+                          F* t_sigma) {
+  const Score<F> s = score_of<kHasQ>(x, xq, b.rc);
+  const F w = weight_of(s.score, softmax, b.max_score, b.inv_t);
+  const F g = b.g0 * dscore_of(p, w / b.z, w, js, b.kl_rm, softmax, b.inv_t);
+  const F gz = g * F(2) * s.z / s.uz;
+  F t = gz * s.z;
+  if constexpr (kHasQ) t = t + g * b.gamma2_sigma * s.r2 / s.ur;
+  *t_sigma = t;
+  return sign_of(s.d) * gz;
+}
+
+}  // namespace ada_loss
 }  // namespace q2ext

@@ -1,27 +1,28 @@
 // Argument blocks and per-ISA entry points of the CPU int8/int4 GEMM kernels.
 //
 // Included by the torch-facing driver (csrc/cpu/gemm.cpp) and by the ISA translation
-// units (csrc/cpu/gemm_isa_*.cpp).  Like fake_quant_math.h it includes no torch or std
-// header: the ISA units are compiled under `#pragma GCC target(...)`, and any shared
-// inline function they instantiated could be picked by the linker for the baseline path.
+// units (csrc/cpu/gemm_isa_*.cpp).  Like numerics.h it includes no torch or std header:
+// the ISA units are compiled under `#pragma GCC target(...)`, and any shared inline
+// function they instantiated could be picked by the linker for the baseline path.
+// The packed layouts themselves (kNB8, kNB4) are gemm_math.h's: the CUDA kernels read
+// the same packed weights.
 #pragma once
 
 #include <cstdint>
 
+#include "q2ext/gemm_math.h"
+
 namespace q2ext {
 namespace gemm {
+namespace cpu {
 
 // ---- W8A8 --------------------------------------------------------------------------
-// B [N, K] is repacked per call into panels of kNB8 output columns in the VNNI order:
-// panel p, k-quad q, column j holds bytes B[p*kNB8 + j, 4q .. 4q+3] (zero past N or K).
-// VNNI multiplies unsigned by signed bytes, so one operand must be unsigned:
+// B comes in the VNNI panels of gemm_math.h (kNB8).  VNNI multiplies unsigned by signed
+// bytes, so one operand must be unsigned:
 //  * a uint8 A is that operand and B stays signed;
 //  * an int8 A stays signed and B is stored as B ^ 0x80 = B + 128 (unsigned); the
 //    kernel then subtracts 128 * sum_k A[m, k] (a_comp) to get the exact int32 sum.
 // Both are exact: every product fits in 16 bits and int32 sums wrap like the reference.
-constexpr int64_t kNB8 = 64;
-
-enum OutKind : int { kOutF32 = 0, kOutBF16 = 1, kOutI32 = 2 };
 
 struct W8A8Args {
   const uint8_t* a;        // [M, lda] bytes of A (int8 or uint8)
@@ -45,9 +46,7 @@ struct W8A8Args {
 using W8A8TileFn = void (*)(const W8A8Args&, int64_t panel, int64_t m0, int64_t m1);
 
 // ---- W4A16 -------------------------------------------------------------------------
-// Packed int4 weights: blocks of 16 output columns; block b, row k holds 8 bytes, byte j
-// = q[16b + j, k] | q[16b + 8 + j, k] << 4 (so one 8-byte load dequantises into 16
-// lanes in column order).  w[n, k] = (q - 8) * scales[k / g, n] + zeros[k / g, n].
+// Packed int4 weights: gemm_math.h's kNB4 blocks.
 //
 // The AVX2 and scalar tiles dequantise each weight and multiply-add it in fp32.  The
 // AVX-512 tiles (fp32 x, and bfloat16 x on AVX512-BF16 CPUs) factor the group constants
@@ -55,8 +54,6 @@ using W8A8TileFn = void (*)(const W8A8Args&, int64_t panel, int64_t m0, int64_t 
 //   y[m, n] = sum_g ( s[g, n] * sum_{k in g} x[m, k] * (q[n, k] - 8) + z[g, n] * xsum[m, g] )
 // with xsum[m, g] = sum_{k in g} x[m, k] computed once per call (w4a16_group_sums,
 // w4a16_prepare_bf16).
-constexpr int64_t kNB4 = 16;
-
 struct W4A16Args {
   const float* x;          // [K / 2, M, 2] fp32 pairs, see w4_x_index (fp32 tiles; bf16 x is
                            // widened once)
@@ -79,6 +76,7 @@ static inline int64_t w4_x_index(int64_t M, int64_t m, int64_t k) {
 
 using W4A16TileFn = void (*)(const W4A16Args&, int64_t block, int64_t m0, int64_t m1);
 
+}  // namespace cpu
 }  // namespace gemm
 }  // namespace q2ext
 
@@ -86,9 +84,11 @@ using W4A16TileFn = void (*)(const W4A16Args&, int64_t block, int64_t m0, int64_
 #define Q2EXT_DECLARE_GEMM_ENTRY_POINTS(ns)                                             \
   namespace q2ext {                                                                     \
   namespace gemm {                                                                      \
+  namespace cpu {                                                                        \
   namespace ns {                                                                        \
   void w8a8_tile(const W8A8Args& a, int64_t panel, int64_t m0, int64_t m1);             \
   void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1);           \
+  }                                                                                     \
   }                                                                                     \
   }                                                                                     \
   }
@@ -105,6 +105,7 @@ using W4A16TileFn = void (*)(const W4A16Args&, int64_t block, int64_t m0, int64_
 // uses the fp32 tiles.
 namespace q2ext {
 namespace gemm {
+namespace cpu {
 namespace avx512vnni {
 bool w4a16_group_sums(const float* x, int64_t K, int64_t group_size, int64_t row0,
                       int64_t row1, float* xsum);
@@ -114,5 +115,6 @@ void w4a16_tile(const W4A16Args& a, int64_t block, int64_t m0, int64_t m1);
 bool w4a16_prepare_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t group_size,
                         int64_t row0, int64_t row1, float* xsum, int32_t* xpairs);
 }  // namespace avx512bf16
+}  // namespace cpu
 }  // namespace gemm
 }  // namespace q2ext
