@@ -13,7 +13,7 @@ import torch
 import q2ext
 from q2ext import ops
 from q2ext._ops import SCALE_MAX, SCALE_MIN
-from q2ext._ops.fake_quant import MODE_AFFINE, MODE_PACT, lsq_levels
+from q2ext._ops.fake_quant import MODE_AFFINE, MODE_LSQ, MODE_PACT, lsq_levels
 from q2ext._ops.fake_quant import is_non_overlapping_and_dense as is_dense
 from q2ext.reference import fake_quant as R
 
@@ -155,7 +155,7 @@ class Case:
 
     @property
     def mode(self):
-        return MODE_PACT if self.kind == "pact" else MODE_AFFINE
+        return {"pact": MODE_PACT, "affine": MODE_AFFINE}.get(self.kind, MODE_LSQ)
 
     @property
     def third_name(self):
@@ -226,6 +226,13 @@ class Case:
         if self.mode == MODE_PACT:
             t_scale = zero.expand_as(xc)
             t_clip = torch.where(xc >= clip, d.abs(), zero)
+        elif self.mode == MODE_LSQ:
+            v = (xc - off) * inv
+            below, above = v <= self.qmin, v >= self.qmax
+            inside = (v > self.qmin) & (v < self.qmax)
+            edge = (d * torch.where(below, float(self.qmin), float(self.qmax))).abs()
+            t_scale = torch.where(inside, (d * (torch.round(v) - v)).abs(), torch.where(below | above, edge, zero))
+            t_clip = torch.where(below | above, d.abs(), zero)
         else:
             q = torch.round((xc - off) * inv) + zp
             below, above = q < self.qmin, q > self.qmax

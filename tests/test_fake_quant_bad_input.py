@@ -162,7 +162,7 @@ OP_CASES = [
     ("x-int", _fq_args(x=X.int()), "x must be float32"),
     ("x-bool", _fq_args(x=X > 0), "x must be float32"),
     ("x-float64", _fq_args(x=X.double()), "x must be float32"),
-    ("mode", _fq_args(mode=2), "mode"),
+    ("mode", _fq_args(mode=3), "mode"),
     ("mode-negative", _fq_args(mode=-1), "mode"),
     ("qmin==qmax", _fq_args(quant_min=3, quant_max=3), "quant_min"),
     ("qmin>qmax", _fq_args(quant_min=8, quant_max=-8), "quant_min"),

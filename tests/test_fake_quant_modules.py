@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import q2ext
+from q2ext._ops.fake_quant import MODE_LSQ, MODE_PACT
 from q2ext.reference import fake_quant as reference
 from q2ext.nn import (LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, QuantConv2d, QuantConvTranspose2d,
                       QuantLinear)
@@ -40,11 +41,11 @@ class RefFakeQuant(torch.autograd.Function):
 
 def ref_lsq(x, scale, bits, signed, axis=None, offset=None, g=1.0):
     q_n, q_p = reference.lsq_levels(bits, signed)
-    return RefFakeQuant.apply(x, scale, offset, -q_n, q_p, axis, 0, g)
+    return RefFakeQuant.apply(x, scale, offset, -q_n, q_p, axis, MODE_LSQ, g)
 
 
 def ref_pact(x, alpha, bits, axis=None):
-    return RefFakeQuant.apply(x, alpha, None, 0, 2 ** bits - 1, axis, 1, 1.0)
+    return RefFakeQuant.apply(x, alpha, None, 0, 2 ** bits - 1, axis, MODE_PACT, 1.0)
 
 
 def act_g(x, channels, q_p):

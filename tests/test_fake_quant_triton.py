@@ -17,7 +17,7 @@ import q2ext
 from helpers import requires_triton_interpreter
 from q2ext import backend
 from q2ext.reference import fake_quant as reference
-from q2ext._ops.fake_quant import MODE_AFFINE, MODE_PACT
+from q2ext._ops.fake_quant import MODE_AFFINE, MODE_LSQ, MODE_PACT
 
 pytestmark = requires_triton_interpreter
 
@@ -74,9 +74,9 @@ def make_params(kind, channels, gen):
         return scale, zp, None, 0, 255, MODE_AFFINE
     if kind == "lsq_offset":
         off = torch.randn(channels, generator=gen) * 0.1
-        return scale, None, off, -8, 7, MODE_AFFINE
+        return scale, None, off, -8, 7, MODE_LSQ
     if kind == "lsq":
-        return scale, None, None, -4, 3, MODE_AFFINE
+        return scale, None, None, -4, 3, MODE_LSQ
     if kind == "pact":
         alpha = (torch.rand(channels, generator=gen) * 2 + 0.5).float()
         return alpha, None, None, 0, 15, MODE_PACT

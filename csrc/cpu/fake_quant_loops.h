@@ -128,6 +128,9 @@ static void backward_segment(const SegmentArgs& a) {
   if (a.mode == kModePact) {
     a.per_element ? backward_segment_per_element<T, kModePact>(a)
                   : backward_segment_shared<T, kModePact>(a);
+  } else if (a.mode == kModeLsq) {
+    a.per_element ? backward_segment_per_element<T, kModeLsq>(a)
+                  : backward_segment_shared<T, kModeLsq>(a);
   } else {
     a.per_element ? backward_segment_per_element<T, kModeAffine>(a)
                   : backward_segment_shared<T, kModeAffine>(a);

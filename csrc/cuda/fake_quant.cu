@@ -465,8 +465,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
     a.dy = reinterpret_cast<const T*>(dy.const_data_ptr());
     a.out = want_dx ? reinterpret_cast<T*>(dx.mutable_data_ptr()) : nullptr;
     at::Tensor* pp = want_sums ? &partial : nullptr;
-    pl = mode == kModePact ? launch<T, true, kModePact>(a, pp, st)
-                           : launch<T, true, kModeAffine>(a, pp, st);
+    pl = mode == kModePact  ? launch<T, true, kModePact>(a, pp, st)
+         : mode == kModeLsq ? launch<T, true, kModeLsq>(a, pp, st)
+                            : launch<T, true, kModeAffine>(a, pp, st);
   });
   if (!want_sums) return {dx, d_scale, d_third};
   const FinArgs f{.partial = partial.const_data_ptr<double>(), .C = g.channels, .P = pl.P,

@@ -5,8 +5,9 @@ kernel pair serves LSQ, LSQ+, PACT and ATen-style affine).  Semantics: q2ext/ref
 grad_factor) -> y``
     ``x`` fp32/fp16/bf16 of any shape and strides; ``scale``, ``zero_point``,
     ``offset``: fp32 ``[1]`` (``axis=None``) or ``[x.shape[axis]]``; ``axis`` already
-    normalised to ``[0, x.dim())``; ``mode`` is MODE_AFFINE or MODE_PACT (then
-    ``scale`` holds the clip value alpha). ``grad_factor`` is only used by the backward.
+    normalised to ``[0, x.dim())``; ``mode`` is MODE_AFFINE (ATen's learnable fake quant),
+    MODE_LSQ (LSQ / LSQ+: the same forward, the papers' gradients, no zero point) or
+    MODE_PACT (then ``scale`` holds the clip value alpha). ``grad_factor`` is only used by the backward.
 ``fake_quant_backward(grad, x, ..., grad_factor, output_mask) -> (dx, dscale, dthird)``
     ``dthird`` is the zero-point gradient, or the offset gradient; an unrequested or
     non-existent gradient comes back as an empty tensor.
@@ -26,6 +27,8 @@ from . import LIB, define
 
 MODE_AFFINE = 0
 MODE_PACT = 1
+MODE_LSQ = 2
+MODES = (MODE_AFFINE, MODE_PACT, MODE_LSQ)
 
 _FQ_ARGS = (
     "Tensor scale, Tensor? zero_point, Tensor? offset, int quant_min, int quant_max, "
@@ -42,7 +45,7 @@ _FLOAT_X = (torch.float32, torch.float16, torch.bfloat16)
 def check_fake_quant_args(x, scale, zero_point, offset, quant_min, quant_max, axis, mode):
     """The checks every kernel relies on; messages name the argument."""
     torch._check(x.dtype in _FLOAT_X, lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    torch._check(mode in (MODE_AFFINE, MODE_PACT), lambda: f"unknown fake-quant mode {mode}")
+    torch._check(mode in MODES, lambda: f"unknown fake-quant mode {mode}")
     torch._check(quant_min < quant_max, lambda: f"quant_min ({quant_min}) must be < quant_max ({quant_max})")
     torch._check(
         quant_min >= -65536 and quant_max <= 65535,
@@ -66,6 +69,7 @@ def check_fake_quant_args(x, scale, zero_point, offset, quant_min, quant_max, ax
         mode != MODE_PACT or (quant_min == 0 and zero_point is None and offset is None),
         lambda: "PACT takes quant_min = 0 and no zero_point/offset",
     )
+    torch._check(mode != MODE_LSQ or zero_point is None, lambda: "LSQ takes no zero_point (use offset for LSQ+)")
 
 
 def _check_backward_args(grad, x, scale, zero_point, offset, quant_min, quant_max, axis, mode):

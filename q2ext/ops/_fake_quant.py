@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend
-from .._ops.fake_quant import MODE_AFFINE, MODE_PACT, lsq_grad_scale, lsq_levels
+from .._ops.fake_quant import MODE_AFFINE, MODE_LSQ, MODE_PACT, lsq_grad_scale, lsq_levels
 
 __all__ = ["fake_quant_affine", "lsq", "pact"]
 
@@ -108,10 +108,14 @@ def fake_quant_affine(x, scale, zero_point, quant_min, quant_max, axis=None, gra
 def lsq(x, scale, bits, signed=True, axis=None, offset=None, grad_scale=None):
     """LSQ (Esser et al. 2019) and, with ``offset``, LSQ+ (Bhalgat et al. 2020).
 
-    ``y = round(clamp((x - offset) / s, -Q_N, Q_P)) * s + offset`` (``offset`` = 0 for
-    LSQ), computed as ATen does (multiply by 1/s, round half to even).  Gradients:
-    ``dx`` straight-through inside the grid; ``ds = g * sum(round(v) - v)`` inside,
-    ``-Q_N`` / ``Q_P`` below/above; ``d offset = g * sum(dy)`` where clipped.
+    ``y = round(clamp(v, -Q_N, Q_P)) * s + offset`` with ``v = (x - offset) / s`` (``offset``
+    = 0 for LSQ), computed as ATen does (multiply by 1/s, round half to even).  Gradients
+    exactly the papers' (clip first, so the mask is taken on the unrounded v):
+    ``dx = dy`` for ``-Q_N < v < Q_P``, else 0; ``ds = g * sum(dy * (round(v) - v))`` inside,
+    ``g * sum(dy * -Q_N)`` for ``v <= -Q_N`` and ``g * sum(dy * Q_P)`` for ``v >= Q_P``;
+    ``d offset = g * sum(dy)`` where clipped.  (:func:`fake_quant_affine` keeps ATen's rule,
+    which takes the mask on the rounded v: the two differ for ``Q_P < v < Q_P + 1/2`` and the
+    mirror band below ``-Q_N``.)
 
     Args:
         x: float32/float16/bfloat16 tensor, any shape and strides.
@@ -133,7 +137,7 @@ def lsq(x, scale, bits, signed=True, axis=None, offset=None, grad_scale=None):
     q_n, q_p = lsq_levels(bits, bool(signed))
     g = lsq_grad_scale(x.numel(), scale.numel(), q_p) if grad_scale is None else float(grad_scale)
     op = _fake_quant_op(x.device.type)
-    return op(x, scale, None, offset, -q_n, q_p, axis, MODE_AFFINE, g)
+    return op(x, scale, None, offset, -q_n, q_p, axis, MODE_LSQ, g)
 
 
 def pact(x, alpha, bits, axis=None):

@@ -15,14 +15,28 @@ This is ATen's ``fake_quantize_per_{tensor,channel}_affine`` (reciprocal multipl
 half-to-even, integer zero point added after rounding) extended by an LSQ+ offset.
 NaN in x gives NaN in y; +-inf saturate to the grid ends.
 
-Backward (ATen's learnable fake-quant gradient; with zp = 0 it is LSQ's)::
+Backward, MODE_AFFINE (ATen's learnable fake-quant gradient: the mask is taken on the
+rounded, unclamped q)::
 
     dx      = dy                  inside (qmin <= q <= qmax), else 0
     dscale  = g * sum(dy * ((clamp(q) - zp) * s - (x - offset)) / s)   inside
             + g * sum(dy * (qmin - zp))  below  + g * sum(dy * (qmax - zp))  above
     dzp     = g * sum(-dy * s)    where clipped (below or above)
     doffset = g * sum(dy)         where clipped
-NaN elements contribute nothing.  PACT (clip alpha, s = alpha / qmax, qmin = 0)::
+
+Backward, MODE_LSQ (LSQ, Esser et al. 2019, and LSQ+, Bhalgat et al. 2020: clip first, so
+the mask is taken on the unrounded v = (x - offset) / s; zp = 0)::
+
+    dx      = dy                  inside (qmin < v < qmax), else 0
+    dscale  = g * sum(dy * (round(v) - v))   inside
+            + g * sum(dy * qmin)  below (v <= qmin)  + g * sum(dy * qmax)  above (v >= qmax)
+    doffset = g * sum(dy)         where clipped (below or above)
+
+The two differ only in the bands qmax < v < qmax + 1/2 and qmin - 1/2 <= v < qmin (and at
+v = qmin or qmax exactly), where ATen's rule passes dx and gives ``qmax - v`` to the scale
+while LSQ clips.  ``round(v) - v`` is exact in fp32 (the two are within a factor of 2, or
+round(v) = 0).  NaN elements contribute nothing.  PACT (clip alpha, s = alpha / qmax,
+qmin = 0)::
 
     dx = dy where 0 <= x < alpha;   dalpha = sum(dy where x >= alpha)
 """
@@ -31,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from .._ops import compute_dtype, sanitize_scale
-from .._ops.fake_quant import MODE_AFFINE, MODE_PACT, dense_like, lsq_grad_scale, lsq_levels
+from .._ops.fake_quant import MODE_AFFINE, MODE_LSQ, MODE_PACT, dense_like, lsq_grad_scale, lsq_levels
 
 
 def _per_channel(t, x, axis, ct):
@@ -85,6 +99,13 @@ def fake_quant_backward(grad, x, scale, zero_point, offset, quant_min, quant_max
         inside = (xc >= 0) & (xc < clip)
         clipped = xc >= clip
         dscale_el = zero.expand_as(xc)
+    elif mode == MODE_LSQ:
+        v = (xc - off) * inv
+        below, above = v <= quant_min, v >= quant_max
+        inside = (v > quant_min) & (v < quant_max)
+        clipped = below | above
+        edge = torch.where(below, float(quant_min), float(quant_max))
+        dscale_el = torch.where(inside, dy * (torch.round(v) - v), torch.where(clipped, dy * edge, zero))
     else:
         q = _grid(xc, inv, zp, off)
         below, above = q < quant_min, q > quant_max
@@ -138,14 +159,14 @@ def fake_quant_backward_op(grad, x, scale, zero_point, offset, quant_min, quant_
 def lsq(x, scale, bits, signed=True, axis=None, offset=None, grad_scale=None):
     """LSQ / LSQ+ forward: round(clamp((x - offset)/s, -Q_N, Q_P)) * s + offset."""
     q_n, q_p = lsq_levels(bits, signed)
-    return fake_quant(x, scale, None, offset, -q_n, q_p, axis, MODE_AFFINE)
+    return fake_quant(x, scale, None, offset, -q_n, q_p, axis, MODE_LSQ)
 
 
 def lsq_backward(grad, x, scale, bits, signed=True, axis=None, offset=None, grad_scale=None):
     """(dx, dscale, doffset) of LSQ/LSQ+, scale/offset gradients multiplied by g."""
     q_n, q_p = lsq_levels(bits, signed)
     g = lsq_grad_scale(x.numel(), scale.numel(), q_p) if grad_scale is None else grad_scale
-    return fake_quant_backward(grad, x, scale, None, offset, -q_n, q_p, axis, MODE_AFFINE, g)
+    return fake_quant_backward(grad, x, scale, None, offset, -q_n, q_p, axis, MODE_LSQ, g)
 
 
 def pact(x, alpha, bits, axis=None):

@@ -189,6 +189,13 @@ def _fq_backward_kernel(dy_ptr, x_ptr, dx_ptr, ps_ptr, pc_ptr, scale_ptr, zp_ptr
     if MODE == 1:
         inside = (x >= 0.0) & (x < clip)
         clipped = x >= clip
+    elif MODE == 2:  # MODE_LSQ: the mask on the unrounded v (clip first)
+        v = _mul(x - off, inv, RN)
+        q = _round_half_even(v)
+        below = v <= qmin
+        above = v >= qmax
+        inside = (v > qmin) & (v < qmax)
+        clipped = below | above
     else:
         q = _grid(x, inv, zp, off, RN)
         below = q < qmin
@@ -205,6 +212,10 @@ def _fq_backward_kernel(dy_ptr, x_ptr, dx_ptr, ps_ptr, pc_ptr, scale_ptr, zp_ptr
         dclip = tl.where(clipped & mask, dy, 0.0)
         if MODE == 1:
             dscale = tl.zeros_like(dclip)  # unused: the PACT alpha gradient is the clip term
+        elif MODE == 2:
+            edge = tl.where(below, qmin, qmax)
+            dscale = tl.where(inside, _mul(dy, q - v, RN), tl.where(clipped, _mul(dy, edge, RN), 0.0))
+            dscale = tl.where(mask, dscale, 0.0)
         else:
             yq = _mul(q - zp, s, RN)
             inside_term = _mul(_mul(dy, yq - (x - off), RN), inv, RN)

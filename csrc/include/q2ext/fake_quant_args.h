@@ -50,8 +50,8 @@ inline void check_fq_args(const at::Tensor& x, const at::Tensor& scale,
                   x.scalar_type() == at::kBFloat16,
               "q2ext fake quant: x must be float32, float16 or bfloat16, got ",
               x.scalar_type());
-  TORCH_CHECK(mode == kModeAffine || mode == kModePact, "q2ext fake quant: unknown mode ",
-              mode);
+  TORCH_CHECK(mode == kModeAffine || mode == kModePact || mode == kModeLsq,
+              "q2ext fake quant: unknown mode ", mode);
   TORCH_CHECK(quant_min < quant_max, "q2ext fake quant: quant_min (", quant_min,
               ") must be < quant_max (", quant_max, ")");
   TORCH_CHECK(quant_min >= -65536 && quant_max <= 65535,
@@ -78,6 +78,8 @@ inline void check_fq_args(const at::Tensor& x, const at::Tensor& scale,
   TORCH_CHECK(mode != kModePact || (quant_min == 0 && !zero_point.has_value() &&
                                     !offset.has_value()),
               "q2ext fake quant: PACT takes quant_min = 0 and no zero_point/offset");
+  TORCH_CHECK(mode != kModeLsq || !zero_point.has_value(),
+              "q2ext fake quant: LSQ takes no zero_point (use offset for LSQ+)");
 }
 
 // The backward's arguments: the forward's, plus a grad like x (shape, dtype, device).

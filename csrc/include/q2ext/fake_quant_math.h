@@ -12,7 +12,10 @@ namespace q2ext {
 namespace fake_quant {
 
 // Modes of the fake-quant kernels (keep in sync with q2ext/_ops/fake_quant.py).
-enum : int64_t { kModeAffine = 0, kModePact = 1 };
+// kModeAffine: ATen's learnable fake quant (the mask on the rounded grid index);
+// kModeLsq: LSQ / LSQ+ (the same forward, no zero point; the papers' gradients: clip first,
+// so the mask is taken on the unrounded v = (x - off) / s); kModePact: the clip is alpha.
+enum : int64_t { kModeAffine = 0, kModePact = 1, kModeLsq = 2 };
 
 // Learnable zero points are floats; like ATen's learnable ops we use
 // clamp(nearbyint(zp), qmin, qmax) in forward *and* backward (ATen's per-tensor
@@ -104,11 +107,31 @@ Q2_HD FqGrad fq_backward_affine(float dy, float x, float s, float s_inv, float z
   return g;
 }
 
+// LSQ (Esser et al.) and LSQ+ (Bhalgat et al.): v = (x - off) / s, inside for
+// qmin < v < qmax; d/ds = round(v) - v inside (exact in fp32: the two are within a factor of
+// 2 of each other, or round(v) = 0), qmin for v <= qmin, qmax for v >= qmax.
+Q2_HD FqGrad fq_backward_lsq(float dy, float x, float s_inv, float off, float qmin, float qmax) {
+  FqGrad g;
+  float v = q2_mul(q2_sub(x, off), s_inv);
+  bool below = v <= qmin;
+  bool above = v >= qmax;
+  bool inside = (v > qmin) & (v < qmax);
+  bool clipped = below | above;
+  float inside_term = q2_mul(dy, q2_sub(round_half_even(v), v));
+  float edge = select_f32(below, qmin, qmax);
+  g.dx = keep_if(inside, dy);
+  g.dscale = q2_add(keep_if(inside, inside_term), keep_if(clipped, q2_mul(dy, edge)));
+  g.dclip = keep_if(clipped, dy);
+  return g;
+}
+
 template <int64_t kMode>
 Q2_HD FqGrad fq_backward(float dy, float x, float s, float s_inv, float zp, float off,
                          float clip, float qmin, float qmax) {
   if constexpr (kMode == kModePact) {
     return fq_backward_pact(dy, x, clip);
+  } else if constexpr (kMode == kModeLsq) {
+    return fq_backward_lsq(dy, x, s_inv, off, qmin, qmax);
   } else {
     return fq_backward_affine(dy, x, s, s_inv, zp, off, qmin, qmax);
   }
