@@ -177,9 +177,9 @@ def _perfect_maps(task, targets):
             gt = boxes[obj.clamp_min(0)]
             pts = fcos._grid(h, w, s, "cpu")[None]
             dist = torch.cat([pts - gt[..., :2], gt[..., 2:] - pts], -1).clamp_min(1e-3) / s
-            logits = torch.where(pos[..., None], torch.nn.functional.one_hot(labels[obj.clamp_min(0)], c) * 40.0 - 20,
-                                 torch.full((n, h * w, c), -20.0))
-            o = torch.cat([logits, dist.log(), torch.full((n, h * w, 1), 20.0)], -1)
+            logits = torch.nn.functional.one_hot(labels[obj.clamp_min(0)], c) * 40.0
+            objectness = torch.where(pos, 20.0, -20.0)[..., None]
+            o = torch.cat([logits, dist.log(), objectness], -1)
             maps.append(o.transpose(1, 2).reshape(n, -1, h, w))
     else:
         for e in centernet.encode(targets, grids, c):

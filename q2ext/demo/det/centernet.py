@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from .model import STRIDES
 
 EXTRA_OUTPUTS = 4  # dx, dy, log w/s, log h/s
-PRIOR = 0.1
+PRIOR = 0.1  # of the class heatmap logits
+
+
+def prior_channels(num_classes: int) -> slice:
+    return slice(0, num_classes)
+
+
 LEVEL_BOUNDS = (14.0, 28.0)
 GAUSS_ALPHA = 0.54
 MIN_SIGMA = 0.35

@@ -38,25 +38,33 @@ class SceneConfig:
 
     size: image side in pixels.  max_objects: objects per image are uniform in 1..max_objects.
     min_size/max_size: an object's longer side before rotation, pixels (log-uniform).
+    max_aspect: aspect ratios are log-uniform in [1 / max_aspect, max_aspect].
+    max_rotation: rotations are uniform in [-max_rotation, max_rotation] radians.
     min_visible: fraction of an object's area that must stay visible, else it is dropped.
     min_area: objects with fewer mask pixels are dropped.
     rings, lines: distractors per image, each uniform in 0..the value.
     noise: (lo, hi) of the per-image Gaussian noise std (images live roughly in [0, 1]).
-    min_contrast: lower bound of the colour distance between an object and the background
-        mean (0 allows invisible objects).
+    min_contrast: the colour distance between an object (or ring) and the background at its
+        centre is uniform in [min_contrast, min_contrast + 0.5] (0 allows invisible objects).
+    textured: probability that a shape (object or ring) is striped or checked, not flat.
+    bg_grid: control points per side of the background's colour field (1: one flat colour).
     bg_texture: contrast of the background texture.  chunk: images rendered per batch.
     """
 
     size: int = 64
     max_objects: int = 8
-    min_size: float = 6.0
+    min_size: float = 8.0
     max_size: float = 36.0
+    max_aspect: float = 1.6
+    max_rotation: float = 0.0
     min_visible: float = 0.45
     min_area: int = 12
     rings: int = 2
     lines: int = 4
     noise: tuple = (0.02, 0.10)
     min_contrast: float = 0.15
+    textured: float = 1 / 3
+    bg_grid: int = 1
     bg_texture: float = 0.15
     chunk: int = 256
 
@@ -91,9 +99,10 @@ def _shape_masks(shape_id, u, v):
     return out
 
 
-def _pattern(g, p, xs, ys):
-    """Per-slot texture in {0, 1}, [P, H, W]: flat, stripes or checks, random freq/angle/phase."""
-    kind = torch.randint(0, 3, (p,), generator=g)
+def _pattern(g, p, xs, ys, textured=2 / 3):
+    """Per-slot texture in {0, 1}, [P, H, W]: flat, or with probability ``textured`` stripes
+    or checks (equally likely) of random frequency, angle and phase."""
+    kind = torch.where(torch.rand(p, generator=g) < textured, torch.randint(1, 3, (p,), generator=g), 0)
     theta = _rand(g, p, 1, 1, hi=math.pi)
     freq = _rand(g, p, 1, 1, lo=0.35, hi=1.2)             # radians per pixel
     phase = _rand(g, p, 1, 1, hi=2 * math.pi)
@@ -112,7 +121,7 @@ def _pattern(g, p, xs, ys):
 
 def _background(g, b, s, cfg):
     """Smooth two-colour field plus a faint texture, [B, 3, S, S] in [0, 1]."""
-    coarse = _rand(g, b, 3, 4, 4, lo=0.1, hi=0.9)
+    coarse = _rand(g, b, 3, cfg.bg_grid, cfg.bg_grid, lo=0.1, hi=0.9)
     bg = torch.nn.functional.interpolate(coarse, size=(s, s), mode="bicubic", align_corners=False)
     ys, xs = torch.meshgrid(torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32),
                             indexing="ij")
@@ -120,24 +129,26 @@ def _background(g, b, s, cfg):
     return (bg + cfg.bg_texture * tex * _rand(g, b, 1, 1, 1)).clamp(0, 1)
 
 
-def _colours(g, bg_mean, min_contrast):
-    """Object colour [P, 3] at least min_contrast (L2) from its background mean [P, 3], and a second one."""
-    p = bg_mean.shape[0]
-    c1 = _rand(g, p, 3)
-    d = c1 - bg_mean
-    norm = d.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    # Push colours that are too close to the background out along their own direction.
-    c1 = torch.where(norm < min_contrast, bg_mean + d / norm * min_contrast, c1).clamp(0, 1)
+def _colours(g, bg_local, min_contrast):
+    """Object colour [P, 3] between min_contrast and min_contrast + 0.5 (L2) away from the
+    background colour under the object (``bg_local`` [P, 3]), in a random direction (flipped
+    when it would leave the colour cube), and a second colour for textures."""
+    p = bg_local.shape[0]
+    d = torch.randn(p, 3, generator=g)
+    d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-6) * _rand(g, p, 1, lo=min_contrast, hi=min_contrast + 0.5)
+    up = bg_local + d
+    c1 = torch.where(((up < 0) | (up > 1)).any(1, keepdim=True), bg_local - d, up).clamp(0, 1)
     mix = _rand(g, p, 1, lo=0.3, hi=0.8)
     c2 = (1 - mix) * c1 + mix * _rand(g, p, 3)
     return c1, c2
 
 
-def _shapes(g, present, shape_id, bg_mean, cfg, xs, ys):
+def _shapes(g, present, shape_id, bg, cfg, xs, ys):
     """Render the shapes of the (image, slot) pairs where ``present`` [B, M] is True.
 
-    shape_id: [B, M] long; sizes and contrast from cfg (a SceneConfig).  Returns the masks [B, M, S, S] (False where absent) and the
-    colour of every pixel of every slot as (pattern [B, M, S, S], c1 [B, M, 3], c2 [B, M, 3]).
+    shape_id: [B, M] long; bg: the background [B, 3, S, S]; sizes and contrast from cfg (a
+    SceneConfig).  Returns the masks [B, M, S, S] (False where absent) and the colour of
+    every pixel of every slot as (pattern [B, M, S, S], c1 [B, M, 3], c2 [B, M, 3]).
     Only the present slots are drawn, so the cost follows the number of objects.
     """
     b, m = present.shape
@@ -145,12 +156,12 @@ def _shapes(g, present, shape_id, bg_mean, cfg, xs, ys):
     img_idx, slot_idx = present.nonzero(as_tuple=True)
     p = img_idx.numel()
     side = torch.exp(_rand(g, p, 1, 1, lo=math.log(cfg.min_size), hi=math.log(cfg.max_size)))
-    aspect = torch.exp(_rand(g, p, 1, 1, lo=-0.45, hi=0.45))
+    aspect = torch.exp(_rand(g, p, 1, 1, lo=-math.log(cfg.max_aspect), hi=math.log(cfg.max_aspect)))
     half_w, half_h = side / 2 * aspect.clamp(max=1), side / 2 / aspect.clamp(min=1)
     margin = 0.35 * side
     cx = margin + _rand(g, p, 1, 1) * (s - 2 * margin)
     cy = margin + _rand(g, p, 1, 1) * (s - 2 * margin)
-    rot = _rand(g, p, 1, 1, hi=2 * math.pi)
+    rot = _rand(g, p, 1, 1, lo=-cfg.max_rotation, hi=cfg.max_rotation)
     dx, dy = xs - cx, ys - cy
     cos, sin = torch.cos(rot), torch.sin(rot)
     u = (dx * cos + dy * sin) / half_w
@@ -160,8 +171,10 @@ def _shapes(g, present, shape_id, bg_mean, cfg, xs, ys):
     c1 = torch.zeros(b, m, 3)
     c2 = torch.zeros(b, m, 3)
     masks[img_idx, slot_idx] = _shape_masks(shape_id[img_idx, slot_idx], u, v)
-    pattern[img_idx, slot_idx] = _pattern(g, p, xs, ys)
-    c1[img_idx, slot_idx], c2[img_idx, slot_idx] = _colours(g, bg_mean[img_idx], cfg.min_contrast)
+    pattern[img_idx, slot_idx] = _pattern(g, p, xs, ys, cfg.textured)
+    ci = cx.reshape(-1).long().clamp(0, s - 1)
+    cj = cy.reshape(-1).long().clamp(0, s - 1)
+    c1[img_idx, slot_idx], c2[img_idx, slot_idx] = _colours(g, bg[img_idx, :, cj, ci], cfg.min_contrast)
     return masks, pattern, c1, c2
 
 
@@ -176,7 +189,6 @@ def _paint(img, masks, pattern, c1, c2):
 def _render_chunk(g, b, cfg: SceneConfig, with_masks: bool):
     s = cfg.size
     bg = _background(g, b, s, cfg)
-    bg_mean = bg.mean((2, 3))
     ys, xs = torch.meshgrid(torch.arange(s, dtype=torch.float32) + 0.5, torch.arange(s, dtype=torch.float32) + 0.5,
                             indexing="ij")                             # pixel centres
 
@@ -185,13 +197,13 @@ def _render_chunk(g, b, cfg: SceneConfig, with_masks: bool):
     if cfg.rings:
         present = torch.arange(cfg.rings)[None] < torch.randint(0, cfg.rings + 1, (b, 1), generator=g)
         ring_id = torch.full((b, cfg.rings), _RING)
-        img = _paint(img, *_shapes(g, present, ring_id, bg_mean, cfg, xs, ys))
+        img = _paint(img, *_shapes(g, present, ring_id, bg, cfg, xs, ys))
     img = _draw_lines(g, img, cfg.lines, xs, ys)
 
     m = cfg.max_objects
     labels = torch.randint(0, NUM_CLASSES, (b, m), generator=g)
     present = torch.arange(m)[None] < torch.randint(1, m + 1, (b, 1), generator=g)
-    mask, pattern, c1, c2 = _shapes(g, present, labels, bg_mean, cfg, xs, ys)
+    mask, pattern, c1, c2 = _shapes(g, present, labels, bg, cfg, xs, ys)
     active = present & (mask.sum((2, 3)) >= cfg.min_area)
     # Top to bottom: drop an object whose visible part (under the active ones above) is too small.
     above = torch.zeros(b, s, s, dtype=torch.bool)

@@ -21,8 +21,14 @@ from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal
 
 from .model import STRIDES
 
-EXTRA_OUTPUTS = 5  # l, t, r, b log-distances and the centerness logit
-PRIOR = 0.01
+EXTRA_OUTPUTS = 5  # l, t, r, b log-distances and the objectness logit
+PRIOR = 0.01  # of the objectness logit; the class logits start at 0 (uniform softmax)
+
+
+def prior_channels(num_classes: int) -> slice:
+    return slice(num_classes + 4, num_classes + 5)
+
+
 LEVEL_BOUNDS = (14.0, 28.0)
 CENTER_RADIUS = 1.5
 NMS_IOU = 0.6
@@ -47,8 +53,14 @@ def _grid(h, w, stride, device):
 
 
 def encode(targets, grid_sizes, num_classes: int, device=None) -> list:
-    """Per level: {"obj": int64 [N, h*w] (object index into the batch's concatenated
-    targets, -1 for background), "boxes": [T, 4], "labels": [T]}."""
+    """Training targets of a batch.
+
+    Args: targets (list of N dicts {"boxes" [n_i, 4] xyxy pixels, "labels" [n_i]}),
+    grid_sizes [(h, w)] of the levels (strides ``STRIDES``), num_classes.
+    Returns (boxes float32 [T, 4], labels int64 [T], levels): the batch's objects
+    concatenated, and per level {"obj": int64 [N, h*w]}, the index of the object each cell
+    learns (-1: background).
+    """
     device = device or torch.device("cpu")
     boxes, labels, img = _concat_targets(targets, device)
     n = len(targets)
@@ -91,32 +103,24 @@ def loss(outputs, targets, num_classes: int) -> torch.Tensor:
     """Detection loss of a batch: outputs the model's list of level maps [N, C + 5, h, w]."""
     device = outputs[0].device
     boxes, labels, enc = encode(targets, [o.shape[-2:] for o in outputs], num_classes, device)
-    cls_loss = outputs[0].new_zeros((), dtype=torch.float32)
-    box_loss = cls_loss.clone()
-    ctr_loss = cls_loss.clone()
+    obj_loss = outputs[0].new_zeros((), dtype=torch.float32)
+    cls_loss = obj_loss.clone()
+    box_loss = obj_loss.clone()
     num_pos = 0
     for out, e, s in zip(outputs, enc, STRIDES):
         n, _, h, w = out.shape
         out = out.float().flatten(2).transpose(1, 2)                                   # [N, P, C + 5]
-        obj = e["obj"]
-        pos = obj >= 0
-        cls_t = torch.zeros(n, h * w, num_classes, device=device)
-        o = obj[pos]
-        cls_t[pos] = F.one_hot(labels[o], num_classes).float()
-        cls_loss = cls_loss + sigmoid_focal_loss(out[..., :num_classes], cls_t, reduction="sum")
+        pos = e["obj"] >= 0
+        obj_loss = obj_loss + sigmoid_focal_loss(out[..., -1], pos.float(), reduction="sum")
+        o = e["obj"][pos]
         if o.numel() == 0:
             continue
         num_pos += o.numel()
+        cls_loss = cls_loss + F.cross_entropy(out[..., :num_classes][pos], labels[o], reduction="sum")
         pts = _grid(h, w, s, device)[None].expand(n, -1, -1)[pos]
         pred_box = _decode_boxes(out[..., num_classes:num_classes + 4][pos], pts, s)
-        gt = boxes[o]
-        box_loss = box_loss + generalized_box_iou_loss(pred_box, gt, reduction="sum")
-        lt, rb = pts - gt[:, :2], gt[:, 2:] - pts
-        lr = torch.stack([lt[:, 0], rb[:, 0]], 1).clamp_min(1e-3)
-        tb = torch.stack([lt[:, 1], rb[:, 1]], 1).clamp_min(1e-3)
-        ctr = ((lr.amin(1) / lr.amax(1)) * (tb.amin(1) / tb.amax(1))).sqrt()
-        ctr_loss = ctr_loss + F.binary_cross_entropy_with_logits(out[..., -1][pos], ctr, reduction="sum")
-    return (cls_loss + 2.0 * box_loss + ctr_loss) / max(num_pos, 1)
+        box_loss = box_loss + generalized_box_iou_loss(pred_box, boxes[o], reduction="sum")
+    return (obj_loss + cls_loss + 2.0 * box_loss) / max(num_pos, 1)
 
 
 @torch.no_grad()
@@ -129,7 +133,7 @@ def decode(outputs, num_classes: int, image_size, top_k: int = 50, pre_nms: int 
     for out, s in zip(outputs, STRIDES):
         n, _, h, w = out.shape
         out = out.float().flatten(2).transpose(1, 2)                                   # [N, P, C + 5]
-        sc = torch.sigmoid(out[..., :num_classes]) * torch.sigmoid(out[..., -1:])
+        sc = torch.softmax(out[..., :num_classes], -1) * torch.sigmoid(out[..., -1:])
         scores.append(sc)
         boxes.append(_decode_boxes(out[..., num_classes:num_classes + 4], _grid(h, w, s, out.device)[None], s))
     scores, boxes = torch.cat(scores, 1), torch.cat(boxes, 1)                           # [N, P, C], [N, P, 4]

@@ -38,8 +38,8 @@ class DetConfig:
     act: str = "relu"
     head: str = "fcos"
     eval_batch: int = 256
-    recipe: Recipe = Recipe(optimizer="sgd", fp_lr=0.05, qat_lr=0.01, momentum=0.9, weight_decay=2.5e-4,
-                            batch_size=64, fp_epochs=12, qat_epochs=4, patience=3)
+    recipe: Recipe = Recipe(optimizer="sgd", fp_lr=0.1, qat_lr=0.01, momentum=0.9, weight_decay=2.5e-4,
+                            batch_size=64, fp_epochs=8, qat_epochs=3, patience=3)
     quick_recipe: Recipe = Recipe(optimizer="sgd", fp_lr=0.05, qat_lr=0.01, momentum=0.9, weight_decay=2.5e-4,
                                   batch_size=64, fp_epochs=2, qat_epochs=1, patience=1)
 
@@ -70,8 +70,9 @@ class DetTask(Task):
     def build_model(self, seed: int, gbfusion: bool, quick: bool) -> nn.Module:
         torch.manual_seed(seed)
         c = self.cfg
-        return TinyDetector(NUM_CLASSES, c.widths, c.convs, c.neck, c.act, gbfusion,
-                            self.head.EXTRA_OUTPUTS, self.head.PRIOR)
+        model = TinyDetector(NUM_CLASSES, c.widths, c.convs, c.neck, c.act, gbfusion,
+                             self.head.EXTRA_OUTPUTS, self.head.PRIOR, self.head.prior_channels(NUM_CLASSES))
+        return model.to(memory_format=torch.channels_last)
 
     def fusion_nodes(self, model: nn.Module) -> list:
         """The four neck fusion nodes in forward order, which is shallow to deep."""
