@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import q2ext
-from q2ext.demo.det import DetConfig, DetTask
+from q2ext.demo.det import DetTask, fcos
 from q2ext.demo.det.data import NUM_CLASSES, SceneConfig, generate, make_splits
 from q2ext.demo.det.model import FUSION_NODES, STRIDES, Add, Concat
 from q2ext.demo.task import Recipe, Task
@@ -89,8 +89,6 @@ def test_task_contract_and_recipes():
     y = splits["val"][1]
     sel = task.select(y, torch.tensor([3, 0]))
     assert sel[0] is y[3] and sel[1] is y[0]
-    with pytest.raises(ValueError, match="head"):
-        DetTask(head="yolo")
 
 
 @pytest.mark.parametrize("gbfusion", [False, True])
@@ -99,7 +97,7 @@ def test_model_forward_shapes_and_fusion_nodes(gbfusion):
     model = task.build_model(0, gbfusion=gbfusion, quick=True)
     x = torch.randn(2, 3, 64, 64)
     outs = model(x)
-    assert [tuple(o.shape) for o in outs] == [(2, NUM_CLASSES + task.head.EXTRA_OUTPUTS, 64 // s, 64 // s)
+    assert [tuple(o.shape) for o in outs] == [(2, NUM_CLASSES + fcos.EXTRA_OUTPUTS, 64 // s, 64 // s)
                                              for s in STRIDES]
     nodes = task.fusion_nodes(model)
     assert [n for n, _ in nodes] == list(FUSION_NODES)
@@ -115,10 +113,9 @@ def test_model_forward_shapes_and_fusion_nodes(gbfusion):
     assert mine.keys() == other.keys() and all(torch.equal(v, other[k]) for k, v in mine.items())
 
 
-@pytest.mark.parametrize("head", ["fcos", "centernet"])
-def test_loss_finite_and_decreasing(head):
+def test_loss_finite_and_decreasing():
     torch.manual_seed(0)
-    task = DetTask(head=head)
+    task = DetTask()
     x, y = generate(8, 2, SMALL)
     model = task.build_model(0, gbfusion=True, quick=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
@@ -162,40 +159,29 @@ class _Oracle(torch.nn.Module):
         return [m[:len(x)] for m in self.maps]
 
 
-def _perfect_maps(task, targets):
-    """Level maps that decode to exactly `targets` (built from the head's own target encoding)."""
-    from q2ext.demo.det import centernet, fcos
-
+def _perfect_maps(targets):
+    """Level maps that decode to exactly `targets` (built from the head's own target encoding):
+    at each positive cell its object's class, the exact box distances and objectness 1."""
     grids = [(64 // s, 64 // s) for s in STRIDES]
     n, c = len(targets), NUM_CLASSES
     maps = []
-    if task.head is fcos:
-        boxes, labels, enc = fcos.encode(targets, grids, c)
-        for e, s, (h, w) in zip(enc, STRIDES, grids):
-            obj = e["obj"]
-            pos = obj >= 0
-            gt = boxes[obj.clamp_min(0)]
-            pts = fcos._grid(h, w, s, "cpu")[None]
-            dist = torch.cat([pts - gt[..., :2], gt[..., 2:] - pts], -1).clamp_min(1e-3) / s
-            logits = torch.nn.functional.one_hot(labels[obj.clamp_min(0)], c) * 40.0
-            objectness = torch.where(pos, 20.0, -20.0)[..., None]
-            o = torch.cat([logits, dist.log(), objectness], -1)
-            maps.append(o.transpose(1, 2).reshape(n, -1, h, w))
-    else:
-        for e in centernet.encode(targets, grids, c):
-            heat = torch.logit(e["heat"].clamp(1e-6, 1 - 1e-6))
-            reg = torch.zeros(n, 4, *heat.shape[2:])
-            b, yy, xx = e["index"]
-            reg[b, :, yy, xx] = e["reg"]
-            maps.append(torch.cat([heat, reg], 1))
+    boxes, labels, enc = fcos.encode(targets, grids, c)
+    for e, s, (h, w) in zip(enc, STRIDES, grids):
+        obj = e["obj"]
+        gt = boxes[obj.clamp_min(0)]
+        pts = fcos._grid(h, w, s, "cpu")[None]
+        dist = torch.cat([pts - gt[..., :2], gt[..., 2:] - pts], -1).clamp_min(1e-3) / s
+        logits = torch.nn.functional.one_hot(labels[obj.clamp_min(0)], c) * 40.0
+        objectness = torch.where(obj >= 0, 20.0, -20.0)[..., None]
+        o = torch.cat([logits, dist.log(), objectness], -1)
+        maps.append(o.transpose(1, 2).reshape(n, -1, h, w))
     return maps
 
 
-@pytest.mark.parametrize("head", ["fcos", "centernet"])
-def test_evaluate_perfect_and_wrong_predictions(head):
-    task = DetTask(head=head)
+def test_evaluate_perfect_and_wrong_predictions():
+    task = DetTask()
     images = torch.zeros(len(_HAND), 3, 64, 64)
-    maps = _perfect_maps(task, _HAND)
+    maps = _perfect_maps(_HAND)
     perfect = task.evaluate(_Oracle(maps), images, _HAND)
     assert perfect["score"] == pytest.approx(100.0) and perfect["map50"] == pytest.approx(100.0)
     dets = task.predict(_Oracle(maps), images)
@@ -206,11 +192,11 @@ def test_evaluate_perfect_and_wrong_predictions(head):
         assert torch.equal(d["labels"][order], t["labels"][ref])
     # Boxes shifted by 3 px: IoU drops below the strict thresholds, mAP@0.5:0.95 drops.
     shifted = [{"boxes": t["boxes"] + 3.0, "labels": t["labels"]} for t in _HAND]
-    off = task.evaluate(_Oracle(_perfect_maps(task, shifted)), images, _HAND)
+    off = task.evaluate(_Oracle(_perfect_maps(shifted)), images, _HAND)
     assert off["score"] < 80.0
     # Every class wrong: nothing matches.
     relabelled = [{"boxes": t["boxes"], "labels": (t["labels"] + 1) % NUM_CLASSES} for t in _HAND]
-    wrong = task.evaluate(_Oracle(_perfect_maps(task, relabelled)), images, _HAND)
+    wrong = task.evaluate(_Oracle(_perfect_maps(relabelled)), images, _HAND)
     assert wrong["score"] == pytest.approx(0.0)
 
 

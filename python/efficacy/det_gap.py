@@ -8,7 +8,7 @@ mAP@0.5:0.95 of both and their difference per seed.  A stand-in for the demo pro
 (q2ext.demo.protocol) while it is being written: SGD with the task's recipe, cosine decay
 over the planned steps, early stopping on validation.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python python/efficacy/det_gap.py --seeds 0 1 2 --bits 4
+    PYTHONPATH=. OMP_NUM_THREADS=1 python python/efficacy/det_gap.py --seeds 0 1 2 --bits 4 3
     (--set neck=24 --set train=2048 ... overrides DetConfig fields; --recipe qat_lr=0.005 the recipe)
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _parse_sets(items):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--bits", type=int, nargs="+", default=[4], help="one A arm per bit width (E is shared)")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -126,23 +126,27 @@ def main():
         log(f"seed {seed} E (FP32-LN continued)")
         torch.manual_seed(seed)
         e = fit(task, e_model, splits, recipe, recipe.qat_epochs, recipe.qat_lr, seed, log)
-        log(f"seed {seed} A (W{args.bits}A{args.bits} LSQ + LN)")
-        torch.manual_seed(seed)
-        a_model = q2ext.prepare(copy.deepcopy(fp), task.qconfig(args.bits, "auto"))
-        xt = splits["train"][0]
-        q2ext.calibrate(a_model, [xt[i:i + recipe.batch_size] for i in range(0, 4 * recipe.batch_size,
-                                                                                recipe.batch_size)])
-        a0 = task.evaluate(a_model, *splits["val"])["score"]
-        a = fit(task, a_model, splits, recipe, recipe.qat_epochs, recipe.qat_lr, seed, log)
-        rows.append({"seed": seed, "E": e["test"], "A": a["test"], "E-A": e["test"] - a["test"],
-                     "E50": e["test50"], "A50": a["test50"], "A_val_epoch0": a0,
-                     "E_s": e["seconds"], "A_s": a["seconds"], "E_curve": e["curve"], "A_curve": a["curve"]})
+        row = {"seed": seed, "E": e["test"], "E50": e["test50"], "E_s": e["seconds"], "E_curve": e["curve"]}
+        for bits in args.bits:
+            log(f"seed {seed} A (W{bits}A{bits} LSQ + LN)")
+            torch.manual_seed(seed)
+            a_model = q2ext.prepare(copy.deepcopy(fp), task.qconfig(bits, "auto"))
+            xt = splits["train"][0]
+            q2ext.calibrate(a_model, [xt[i:i + recipe.batch_size]
+                                      for i in range(0, 4 * recipe.batch_size, recipe.batch_size)])
+            a0 = task.evaluate(a_model, *splits["val"])["score"]
+            a = fit(task, a_model, splits, recipe, recipe.qat_epochs, recipe.qat_lr, seed, log)
+            row.update({f"A{bits}": a["test"], f"E-A{bits}": e["test"] - a["test"], f"A{bits}_50": a["test50"],
+                        f"A{bits}_val_epoch0": a0, f"A{bits}_s": a["seconds"], f"A{bits}_curve": a["curve"]})
+        rows.append(row)
         log(json.dumps(rows[-1]))
     if not rows:
         return
-    gaps = torch.tensor([r["E-A"] for r in rows])
-    log(f"E-A per seed {[round(float(x), 2) for x in gaps]}  mean {gaps.mean():.2f}  "
-        f"min {gaps.min():.2f}; FP32-LN test {pre['test']:.2f}; total {time.perf_counter() - t0:.0f}s")
+    for bits in args.bits:
+        gaps = torch.tensor([r[f"E-A{bits}"] for r in rows])
+        log(f"W{bits}A{bits}: E-A per seed {[round(float(x), 2) for x in gaps]}  mean {gaps.mean():.2f}  "
+            f"min {gaps.min():.2f}")
+    log(f"FP32-LN test {pre['test']:.2f}; total {time.perf_counter() - t0:.0f}s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": repr(cfg), "pretrain": pre, "rows": rows}, f, indent=1)

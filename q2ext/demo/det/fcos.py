@@ -4,14 +4,17 @@ Each object is assigned to one level by its longer box side (``LEVEL_BOUNDS`` pi
 below the first bound stride 4, then stride 8, else stride 16).  At its level, the cells
 whose centre lies inside the box and within ``CENTER_RADIUS`` strides of the box centre
 are its positives (a cell claimed by two objects goes to the smaller one; the cell holding
-the box centre is always positive, so tiny objects get one).  A positive cell learns the
-object's class (sigmoid focal loss), the distances from the cell centre to the four box
-sides (l, t, r, b) as log(distance / stride) under a GIoU loss on the decoded box, and the
-centerness sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) (binary cross-entropy).
+the box centre is always positive, so tiny objects get one).
 
-Output maps per level: ``num_classes`` class logits, 4 log-distances, 1 centerness logit.
-Decoding: score = sigmoid(class) * sigmoid(centerness), the best ``pre_nms`` candidates of
-an image, class-wise NMS at ``NMS_IOU``, then at most ``top_k`` boxes.
+Output maps per level: ``num_classes`` class logits, 4 log-distances log(d / stride) from
+the cell centre to the box sides (l, t, r, b), 1 objectness logit.  Loss, normalised by
+the number of positives: sigmoid focal loss on the objectness of every cell, softmax
+cross-entropy on the class logits of the positives, and GIoU on their decoded boxes.  (A
+softmax over classes learns to tell the shapes apart in a few hundred steps; per-class
+sigmoid focal losses, tried first, barely left chance level in the same budget, because a
+positive cell's wrong classes sit at the focal prior and get almost no gradient.)
+Decoding: score = sigmoid(objectness) * softmax(classes), the best ``pre_nms`` (cell,
+class) candidates of an image, class-wise NMS at ``NMS_IOU``, at most ``top_k`` boxes.
 """
 from __future__ import annotations
 

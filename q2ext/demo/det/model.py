@@ -10,9 +10,8 @@ one's output, so that order (td3, td2, pan3, pan4) is also shallow to deep.  Bot
 of a node have the neck width, so their gradient norms compare like for like.
 
 Head: one small head per PAN level (stride 4, 8, 16), each a conv and a 1x1 predictor with
-``num_classes + 4`` channels: CenterNet-style class heatmap logits, then the sub-cell
-centre offset (dx, dy) and the log box size log(w / stride), log(h / stride)
-(q2ext.demo.det.centernet encodes, decodes and scores these maps).
+``num_classes + 5`` channels: class logits, four log box distances and an objectness logit
+(q2ext.demo.det.fcos encodes, decodes and scores these maps).
 """
 from __future__ import annotations
 
@@ -115,8 +114,8 @@ class Head(nn.Module):
         self.conv = _cba(width, width, act)
         self.pred = nn.Conv2d(width, num_classes + extra, 1)
         with torch.no_grad():
-            # The focal-loss init: the sigmoid logits (CenterNet's class heatmaps, FCOS's
-            # objectness) start at the prior probability; everything else at 0.
+            # The focal-loss init: the sigmoid logits (the objectness) start at the prior
+            # probability; everything else at 0.
             self.pred.bias.zero_()
             self.pred.bias[prior_channels].fill_(float(torch.logit(torch.tensor(prior))))
 
@@ -137,7 +136,7 @@ class TinyDetector(nn.Module):
     """
 
     def __init__(self, num_classes=4, widths=(16, 24, 48, 64), convs=2, neck=32, act="relu", gbfusion=False,
-                 extra_outputs=4, prior=0.1, prior_channels=None):
+                 extra_outputs=5, prior=0.01, prior_channels=None):
         super().__init__()
         if act not in _ACTS:
             raise ValueError(f"act must be one of {sorted(_ACTS)}, got {act!r}")

@@ -2,7 +2,7 @@
 
 Data: q2ext.demo.det.data (procedural scenes); model: q2ext.demo.det.model (FPN + PAN,
 fusion nodes ``neck.td3, neck.td2, neck.pan3, neck.pan4``, shallow to deep); targets, loss
-and decoding: q2ext.demo.det.centernet; score: COCO mAP@0.5:0.95 in percent
+and decoding: q2ext.demo.det.fcos; score: COCO mAP@0.5:0.95 in percent
 (torchmetrics ``MeanAveragePrecision``, pycocotools backend), plus mAP@0.5.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from q2ext.nn import GBFusion
 
 from ..task import Recipe, Task
-from . import centernet, fcos
+from . import fcos
 from .data import NUM_CLASSES, SceneConfig, make_splits
 from .model import FUSION_NODES, Add, Concat, TinyDetector
 
@@ -29,19 +29,18 @@ class DetConfig:
     train: int = 4096
     val: int = 256
     test: int = 512
-    quick_train: int = 192
-    quick_val: int = 48
-    quick_test: int = 48
+    quick_train: int = 256
+    quick_val: int = 64
+    quick_test: int = 64
     widths: tuple = (16, 24, 48, 64)
     convs: int = 2
     neck: int = 32
     act: str = "relu"
-    head: str = "fcos"
     eval_batch: int = 256
     recipe: Recipe = Recipe(optimizer="sgd", fp_lr=0.1, qat_lr=0.01, momentum=0.9, weight_decay=2.5e-4,
                             batch_size=64, fp_epochs=8, qat_epochs=3, patience=3)
-    quick_recipe: Recipe = Recipe(optimizer="sgd", fp_lr=0.05, qat_lr=0.01, momentum=0.9, weight_decay=2.5e-4,
-                                  batch_size=64, fp_epochs=2, qat_epochs=1, patience=1)
+    quick_recipe: Recipe = Recipe(optimizer="sgd", fp_lr=0.1, qat_lr=0.01, momentum=0.9, weight_decay=2.5e-4,
+                                  batch_size=64, fp_epochs=3, qat_epochs=1, patience=1)
 
 
 class DetTask(Task):
@@ -53,10 +52,6 @@ class DetTask(Task):
     def __init__(self, cfg: DetConfig | None = None, **changes):
         cfg = cfg or DetConfig()
         self.cfg = dataclasses.replace(cfg, **changes) if changes else cfg
-        heads = {"fcos": fcos, "centernet": centernet}
-        if self.cfg.head not in heads:
-            raise ValueError(f"DetConfig.head must be one of {sorted(heads)}, got {self.cfg.head!r}")
-        self.head = heads[self.cfg.head]
 
     def recipe(self, quick: bool) -> Recipe:
         return self.cfg.quick_recipe if quick else self.cfg.recipe
@@ -71,7 +66,7 @@ class DetTask(Task):
         torch.manual_seed(seed)
         c = self.cfg
         model = TinyDetector(NUM_CLASSES, c.widths, c.convs, c.neck, c.act, gbfusion,
-                             self.head.EXTRA_OUTPUTS, self.head.PRIOR, self.head.prior_channels(NUM_CLASSES))
+                             fcos.EXTRA_OUTPUTS, fcos.PRIOR, fcos.prior_channels(NUM_CLASSES))
         return model.to(memory_format=torch.channels_last)
 
     def fusion_nodes(self, model: nn.Module) -> list:
@@ -87,7 +82,7 @@ class DetTask(Task):
         return nodes
 
     def loss(self, model: nn.Module, images: torch.Tensor, targets) -> torch.Tensor:
-        return self.head.loss(model(images), targets, NUM_CLASSES)
+        return fcos.loss(model(images), targets, NUM_CLASSES)
 
     def predict(self, model: nn.Module, images: torch.Tensor) -> list:
         """Detections of ``images`` (model in eval mode): list of {"boxes", "scores", "labels"} on the CPU."""
@@ -97,7 +92,7 @@ class DetTask(Task):
         with torch.no_grad():
             for i in range(0, len(images), self.cfg.eval_batch):
                 x = images[i:i + self.cfg.eval_batch]
-                dets += self.head.decode(model(x), NUM_CLASSES, x.shape[-2:])
+                dets += fcos.decode(model(x), NUM_CLASSES, x.shape[-2:])
         model.train(was_training)
         return dets
 
