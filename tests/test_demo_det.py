@@ -91,9 +91,10 @@ def test_task_contract_and_recipes():
     assert sel[0] is y[3] and sel[1] is y[0]
 
 
+@pytest.mark.parametrize("top_down", ["add", "concat"])
 @pytest.mark.parametrize("gbfusion", [False, True])
-def test_model_forward_shapes_and_fusion_nodes(gbfusion):
-    task = DetTask()
+def test_model_forward_shapes_and_fusion_nodes(gbfusion, top_down):
+    task = DetTask(top_down=top_down)
     model = task.build_model(0, gbfusion=gbfusion, quick=True)
     x = torch.randn(2, 3, 64, 64)
     outs = model(x)
@@ -104,9 +105,10 @@ def test_model_forward_shapes_and_fusion_nodes(gbfusion):
     if gbfusion:
         assert all(isinstance(m, GBFusion) and m.frozen for _, m in nodes)
         assert all(torch.allclose(m.alpha, torch.full((2,), 0.5)) for _, m in nodes)
-        assert [m.mode for _, m in nodes] == ["add", "add", "concat", "concat"]
+        assert [m.mode for _, m in nodes] == [top_down, top_down, "concat", "concat"]
     else:
-        assert [type(m) for _, m in nodes] == [Add, Add, Concat, Concat]
+        td = Add if top_down == "add" else Concat
+        assert [type(m) for _, m in nodes] == [td, td, Concat, Concat]
     # Same seed, same weights whether or not the nodes are GBFusion (the nodes hold none).
     other = dict(task.build_model(0, gbfusion=not gbfusion, quick=True).named_parameters())
     mine = dict(model.named_parameters())

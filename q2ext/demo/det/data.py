@@ -96,7 +96,7 @@ def _shape_masks(shape_id, u, v):
             m = (c.abs() <= 1.0) & (a.abs() <= (c + 1.0) * 0.5)       # apex at v = -1, base at v = +1
         elif k == 3:
             a, c = a.abs(), c.abs()
-            t = 0.36
+            t = 0.36                                                   # arm half-width
             m = ((a <= 1.0) & (c <= t)) | ((a <= t) & (c <= 1.0))
         else:
             r2 = a * a + c * c
@@ -126,7 +126,7 @@ def _pattern(g, p, xs, ys, textured=2 / 3):
 
 
 def _background(g, b, s, cfg):
-    """Smooth two-colour field plus a faint texture, [B, 3, S, S] in [0, 1]."""
+    """A colour (or, with bg_grid > 1, a smooth colour field) plus a faint texture, [B, 3, S, S]."""
     coarse = _rand(g, b, 3, cfg.bg_grid, cfg.bg_grid, lo=0.1, hi=0.9)
     bg = torch.nn.functional.interpolate(coarse, size=(s, s), mode="bicubic", align_corners=False)
     ys, xs = torch.meshgrid(torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32),

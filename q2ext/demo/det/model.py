@@ -3,7 +3,10 @@
 Backbone: per-image input standardisation, then a plain conv-BN-act stack with outputs C2, C3, C4 at strides 4, 8, 16.  Neck: an
 FPN top-down path (``neck.td3``: lateral(C3) + up(P4); ``neck.td2``: lateral(C2) + up(P3))
 and a PAN bottom-up path (``neck.pan3``: concat(down(N2), P3); ``neck.pan4``:
-concat(down(N3), P4)).  Each of the four merges is a module of its own - :class:`Add` /
+concat(down(N3), P4)).  ``top_down="concat"`` makes the FPN nodes concats too (YOLOv5's
+neck).  Note: at an add node both branches receive the same gradient (times alpha), so
+their gradient energies are equal by construction and Q-GBFusion's controller has nothing
+to balance there; only concat nodes can show the imbalance the method corrects.  Each of the four merges is a module of its own - :class:`Add` /
 :class:`Concat`, or a frozen ``q2ext.nn.GBFusion`` with the same name - so the fusion nodes
 are found by name in every variant.  In forward order each node consumes the previous
 one's output, so that order (td3, td2, pan3, pan4) is also shallow to deep.  Both branches
@@ -79,17 +82,21 @@ def _node(kind: str, gbfusion: bool) -> nn.Module:
 
 
 class Neck(nn.Module):
-    """FPN top-down (adds) then PAN bottom-up (concats), all at ``width`` channels."""
+    """FPN top-down (adds, or YOLO-style concats) then PAN bottom-up (concats), all at
+    ``width`` channels."""
 
-    def __init__(self, c2, c3, c4, width, act, gbfusion):
+    def __init__(self, c2, c3, c4, width, act, gbfusion, top_down="add"):
         super().__init__()
+        if top_down not in ("add", "concat"):
+            raise ValueError(f"top_down must be 'add' or 'concat', got {top_down!r}")
+        c_td = width if top_down == "add" else 2 * width
         self.lat4 = _cba(c4, width, act, k=1)
         self.lat3 = _cba(c3, width, act, k=1)
         self.lat2 = _cba(c2, width, act, k=1)
-        self.td3 = _node("add", gbfusion)
-        self.out3 = _cba(width, width, act)
-        self.td2 = _node("add", gbfusion)
-        self.out2 = _cba(width, width, act)
+        self.td3 = _node(top_down, gbfusion)
+        self.out3 = _cba(c_td, width, act)
+        self.td2 = _node(top_down, gbfusion)
+        self.out2 = _cba(c_td, width, act)
         self.down3 = _cba(width, width, act, stride=2)
         self.pan3 = _node("concat", gbfusion)
         self.n3 = _cba(2 * width, width, act)
@@ -130,13 +137,14 @@ class TinyDetector(nn.Module):
     backbone stage (the first has stride 2); neck: neck/head width; act: "relu" or "silu";
     gbfusion: fusion nodes as frozen GBFusion (else plain Add/Concat); extra_outputs: box
     maps per cell after the class logits; prior, prior_channels: the output channels (a
-    slice, default the class logits) whose bias starts at logit(prior).
+    slice, default the class logits) whose bias starts at logit(prior); top_down: the FPN
+    nodes' operator, "add" or "concat".
     Input (N, 3, H, W) with H, W divisible by 16; output a list of three maps
     (N, num_classes + 4, H / s, W / s) for s in STRIDES.
     """
 
     def __init__(self, num_classes=4, widths=(16, 24, 48, 64), convs=2, neck=32, act="relu", gbfusion=False,
-                 extra_outputs=5, prior=0.01, prior_channels=None):
+                 extra_outputs=5, prior=0.01, prior_channels=None, top_down="add"):
         super().__init__()
         if act not in _ACTS:
             raise ValueError(f"act must be one of {sorted(_ACTS)}, got {act!r}")
@@ -148,7 +156,7 @@ class TinyDetector(nn.Module):
         self.stage2 = _stage(widths[0], widths[1], convs, act)
         self.stage3 = _stage(widths[1], widths[2], convs, act)
         self.stage4 = _stage(widths[2], widths[3], convs, act)
-        self.neck = Neck(widths[1], widths[2], widths[3], neck, act, gbfusion)
+        self.neck = Neck(widths[1], widths[2], widths[3], neck, act, gbfusion, top_down)
         prior_channels = slice(0, num_classes) if prior_channels is None else prior_channels
         self.heads = nn.ModuleList(Head(neck, num_classes, extra_outputs, act, prior, prior_channels)
                                    for _ in STRIDES)

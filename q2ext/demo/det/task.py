@@ -36,6 +36,7 @@ class DetConfig:
     convs: int = 2
     neck: int = 32
     act: str = "relu"
+    top_down: str = "add"
     eval_batch: int = 256
     recipe: Recipe = Recipe(optimizer="sgd", fp_lr=0.1, qat_lr=0.01, momentum=0.9, weight_decay=2.5e-4,
                             batch_size=64, fp_epochs=8, qat_epochs=3, patience=3)
@@ -66,7 +67,7 @@ class DetTask(Task):
         torch.manual_seed(seed)
         c = self.cfg
         model = TinyDetector(NUM_CLASSES, c.widths, c.convs, c.neck, c.act, gbfusion,
-                             fcos.EXTRA_OUTPUTS, fcos.PRIOR, fcos.prior_channels(NUM_CLASSES))
+                             fcos.EXTRA_OUTPUTS, fcos.PRIOR, fcos.prior_channels(NUM_CLASSES), c.top_down)
         return model.to(memory_format=torch.channels_last)
 
     def fusion_nodes(self, model: nn.Module) -> list:
