@@ -237,3 +237,8 @@ def test_prepare_w4a4_with_gbfusion_nodes_trains():
     assert layers["heads.2.pred"].weight_quantizer.bits == 8 and layers["neck.n3.0"].weight_quantizer.bits == 4
     scores = task.evaluate(qmodel, x, y)
     assert 0.0 <= scores["score"] <= 100.0 and 0.0 <= scores["map50"] <= 100.0
+
+
+def test_fusion_nodes_rejects_a_model_without_them():
+    with pytest.raises(TypeError, match="neck.td3"):
+        DetTask().fusion_nodes(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)))

@@ -134,7 +134,7 @@ def decode(outputs, num_classes: int, image_size, top_k: int = 50, pre_nms: int 
     h_img, w_img = image_size
     scores, boxes = [], []
     for out, s in zip(outputs, STRIDES):
-        n, _, h, w = out.shape
+        h, w = out.shape[-2:]
         out = out.float().flatten(2).transpose(1, 2)                                   # [N, P, C + 5]
         sc = torch.softmax(out[..., :num_classes], -1) * torch.sigmoid(out[..., -1:])
         scores.append(sc)
