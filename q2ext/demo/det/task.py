@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from q2ext.nn import GBFusion
+from q2ext.qconfig import QConfig
 
 from ..task import Recipe, Task
 from . import fcos
@@ -117,9 +118,7 @@ class DetTask(Task):
     def qconfig(self, bits: int, quantizer: str):
         """W<bits>A<bits>; the stem conv (first layer, by QConfig's rule) and all three
         heads' predictors stay 8 bit - the last-layer rule of the paper, per level."""
-        import q2ext
-
-        return q2ext.QConfig(w_bits=bits, a_bits=bits, a_quantizer=quantizer,
+        return QConfig(w_bits=bits, a_bits=bits, a_quantizer=quantizer,
                              overrides={"heads.*.pred": {"w_bits": 8, "a_bits": 8}})
 
 
