@@ -13,7 +13,8 @@ Engines:
 Hand-written kernels win on some CPUs and lose badly on others, so nothing is fixed
 here: with ``auto`` (the default) the first forward of a layer with a new input shape
 times every engine that can run it, on that very input (one warm-up call, then
-interleaved rounds; the median wins), like cuDNN's benchmark mode.  The decision is
+interleaved rounds; the median wins), like cuDNN's benchmark mode; an engine whose output
+there differs from q2ext's beyond epilogue rounding is ruled out for the shape.  The decision is
 cached per (shape, machine): in memory, and in ``<cache dir>/gemm_engines.json``
 (``$Q2EXT_CACHE_DIR``, else ``$XDG_CACHE_HOME/q2ext``, else ``~/.cache/q2ext``) so a
 later process on the same machine does not measure again.  The machine key is the CPU
@@ -33,6 +34,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -154,13 +156,26 @@ def clear_cache(disk: bool = False) -> None:
             pass
 
 
-def measure(candidates: dict, rounds: int = 3, calls: int = 2) -> dict:
+def agree(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Whether two engines' outputs are the same numbers up to epilogue rounding (and, for
+    bf16, the output's own rounding): max |got - ref| <= tol * max |ref|.  A wrong result
+    (a mis-read layout, a wrong accumulator) is off by O(1) of that scale."""
+    tol = 1e-4 if ref.dtype == torch.float32 else 3e-2
+    if got.shape != ref.shape:
+        return False
+    scale = float(ref.float().abs().max()) if ref.numel() else 0.0
+    return bool(ref.numel() == 0 or float((got.float() - ref.float()).abs().max()) <= tol * scale + 1e-6)
+
+
+def measure(candidates: dict, rounds: int = 3, calls: int = 2, outputs: dict | None = None) -> dict:
     """{engine: median seconds} of the zero-argument callables in `candidates`: one
-    warm-up call each (oneDNN creates its primitive there), then `rounds` interleaved
-    rounds, each the best of `calls` calls, so a slow spell of a loaded machine hits
-    every engine and not only the one it fell on."""
-    for fn in candidates.values():
-        fn()
+    warm-up call each (oneDNN creates its primitive there; its result goes to `outputs`
+    when given), then `rounds` interleaved rounds, each the best of `calls` calls, so a
+    slow spell of a loaded machine hits every engine and not only the one it fell on."""
+    for name, fn in candidates.items():
+        out = fn()
+        if outputs is not None:
+            outputs[name] = out
     times = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
@@ -195,7 +210,16 @@ def choose(shape_key: str, candidates: dict, reasons: dict, forced: str = "auto"
     hit = cached_engine(shape_key)
     if hit in candidates:
         return hit
-    times = measure(candidates)
+    outputs = {}
+    times = measure(candidates, outputs=outputs)
+    # An engine whose result differs from q2ext's (the reference-tested kernels) on this
+    # very input is not used for the shape: oneDNN's int8 conv gave wrong numbers for
+    # some rare shapes in testing, and a speed win is no reason to risk that.
+    wrong = [e for e in times if e != "q2ext" and not agree(outputs[e], outputs["q2ext"])]
+    for e in wrong:
+        warnings.warn(f"int engine {e!r} disagrees with q2ext's kernels on {shape_key}; not used for it",
+                      RuntimeWarning, stacklevel=3)
+        del times[e]
     best = min(times, key=times.get)
     _memory.setdefault(machine_key(), {})[shape_key] = best
     _save()

@@ -34,7 +34,7 @@ from .._ops import sanitize_scale
 from .._ops.fake_quant import lsq_levels
 from . import gemm_engines
 
-__all__ = ["Int8Linear", "Int8Conv2d", "Int4Linear", "quantizer_grid", "input_grid"]
+__all__ = ["Int8Linear", "Int8Conv2d", "Int4Linear", "INT_LAYERS", "describe_int_layer", "quantizer_grid", "input_grid"]
 
 
 def quantizer_grid(q, name="quantizer"):
@@ -133,12 +133,15 @@ class _Int8Layer(nn.Module):
     def _x_scale_float(self):
         return float(sanitize_scale(self.x_scale))
 
+    def _onednn_shape_reasons(self, x):
+        return []
+
     def _pick(self, key, x, run):
         """The engine for this call: run(engine) runs it."""
         if torch.compiler.is_compiling():  # see gemm_engines: compiled code runs q2ext's kernels
             return "q2ext"
         cands, reasons = {"q2ext": lambda: run("q2ext")}, {}
-        why = gemm_engines.onednn_reasons(x)
+        why = gemm_engines.onednn_reasons(x) + self._onednn_shape_reasons(x)
         if self.x_scale is None:
             why.append("dynamic per-row activation scales (x_scale=None) run on q2ext's kernels only")
         if why:
@@ -264,6 +267,26 @@ class Int8Conv2d(_Int8Layer):
         w_q, s_w, s_x, offset, qmin, qmax = _layer_grids(mod, mod.out_channels)
         return cls(w_q, s_w, s_x, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups, qmin, qmax, relu,
                    x_offset=offset)
+
+    def _onednn_shape_reasons(self, x):
+        """oneDNN's int8 conv (torch 2.14) gave wrong results or crashed on some irregular
+        shapes in a randomized sweep (tests/test_gemm_engines.py): it is used only where
+        every kernel dimension, stride, padding and dilation is square, no output row or
+        column lies in the padding alone, the kernel fits the unpadded input when
+        strided, and a strided conv has at least 2x2 outputs (1-wide strided outputs
+        were the failures left in the regular domain)."""
+        h, w = x.shape[-2:]
+        oh, ow = self._out_hw(h, w)
+        k, s, p, d = self.kh, self.stride[0], self.padding[0], self.dilation[0]
+        ext = d * (k - 1) + 1
+        why = []
+        if not (self.kw == k and self.stride[1] == s and self.padding[1] == p and self.dilation[1] == d):
+            why.append("oneDNN's int8 conv is used for square kernel/stride/padding/dilation only")
+        if p > d * (k - 1):
+            why.append("padding wider than the dilated kernel (outputs made of padding only)")
+        if s > 1 and (h < ext or w < ext or oh < 2 or ow < 2):
+            why.append(f"strided conv on a small input ({h}x{w} -> {oh}x{ow}): wrong results seen in oneDNN")
+        return why
 
     def _out_hw(self, h, w):
         oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
@@ -441,3 +464,19 @@ class Int4Linear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"engine={self.engine}")
+
+
+INT_LAYERS = (Int8Linear, Int8Conv2d, Int4Linear)
+
+
+def describe_int_layer(m) -> list:
+    """[type, weight, activation, engines] strings of an int layer, for q2ext.summary: the
+    engine per input shape seen so far, else the setting ('auto' = chosen at the first forward)."""
+    if isinstance(m, Int4Linear):
+        weight, act = f"int4 g{m.group_size}", "float (x dtype)"
+    else:
+        weight = "int8 per-channel"
+        act = (f"{'int8' if m.quant_min < 0 else 'uint8'} [{m.quant_min}, {m.quant_max}]"
+               + (" + offset" if m.x_offset is not None else "") + (" dynamic" if m.x_scale is None else ""))
+    shapes = "; ".join(f"{k.split(' ')[1]}: {v}" for k, v in m.engines.items())
+    return [type(m).__name__, weight, act, shapes or f"{m.engine} (no forward yet)"]
