@@ -191,3 +191,19 @@ def test_int8_linear_compiles(engine):
     x = torch.randn(4, 64)
     fn = torch.compile(m, fullgraph=True, backend="eager")
     assert _rel(fn(x), m(x)) < 1e-6
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_step_trained_to_zero_or_below_is_sanitised_as_in_fake_quant(engine):
+    """LSQ steps can train through zero; the fake quant then runs them as FLT_EPSILON
+    (the one scale rule), so the int layer must too (it used the raw negative step)."""
+    torch.manual_seed(6)
+    x = torch.rand(2, 6, 8, 8)
+    q = _qat(nn.Conv2d(6, 8, 3, padding=1), LayerQConfig(w_bits=8, a_bits=8, a_quantizer="lsq", a_signed=False), x)
+    with torch.no_grad():
+        q.weight_quantizer.scale[2] = -q.weight_quantizer.scale[2]
+        q.weight_quantizer.scale[5] = 0.0
+        want = q(x)
+        m = Int8Conv2d.from_qat(q)
+        m.engine = engine
+        assert _rel(m(x), want) < 1e-5

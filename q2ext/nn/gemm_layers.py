@@ -46,7 +46,14 @@ def quantizer_grid(q, name="quantizer"):
 
 
 def input_grid(q, name="input_quantizer"):
-    """(step float32 [C], quant_min, quant_max, offset float32 [C] or None) of a trained quantizer."""
+    """(step float32 [C], quant_min, quant_max, offset float32 [C] or None) of a trained
+    quantizer; the step sanitised as every fake-quant kernel does (a step trained to <= 0
+    or NaN runs as FLT_EPSILON there, and must here too)."""
+    step, qmin, qmax, offset = _raw_grid(q, name)
+    return sanitize_scale(step), qmin, qmax, offset
+
+
+def _raw_grid(q, name):
     kind = type(q).__name__
     if kind == "LSQQuantizer":
         qn, qp = lsq_levels(q.bits, bool(q.is_signed))
