@@ -308,7 +308,7 @@ def fold_gbfusion(model: nn.Module, calib_batches=None, fold_shift: str = "bias"
             new = FixedFusion(m.mode, alpha, scale, shift, m.calib_dtype)
             rows.append({"name": name, "folded_into": [], "exact": True})
         rows[-1].update(mode=mode, mean=float(m.const_mean), std=float(m.const_std))
-        setattr(parent, attr, new.to(m.lam.device))
+        setattr(parent, attr, new.to(m.lam.device).train(m.training))
     if finetune is not None:
         losses = _finetune(model, finetune)
         for r in rows:
