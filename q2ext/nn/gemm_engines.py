@@ -6,7 +6,10 @@ Engines:
   ``onednn``  oneDNN through torch's own ops (``torch.ops.onednn.qlinear_pointwise`` /
               ``qconv2d_pointwise``, weights prepacked once, bias and ReLU as post-ops):
               int8 layers on x86 CPUs.  oneDNN picks its ISA itself (AMX-INT8 where the CPU
-              has it, else VNNI / AVX2), so the engine runs on every x86 CPU.
+              has it, else VNNI / AVX2), so the engine runs on every x86 CPU.  Its int8
+              conv is offered only on shapes where it was verified (square kernels, the
+              usual paddings, >= 2x2 strided outputs: see Int8Conv2d); signed int8 codes
+              reach it as uint8 with zero point 128, the same numbers.
   ``torch``   torch's weight-only int4 CPU GEMM (``aten._weight_int4pack_mm_for_cpu``):
               Int4Linear on the CPU.
 
