@@ -63,6 +63,9 @@ def test_int8_linear_matches_fake_quant(engine, grid, bits):
         relu.engine = engine
         assert _rel(relu(x), F.relu(want)) < 1e-5
         assert _rel(m(x[:1, :1]), want[:1, :1]) < 1e-5  # batch 1, one row
+        xb = x.bfloat16()
+        want_b, got_b = q(xb.float()), m(xb)  # the fake-quant layer on the same (bf16-rounded) input
+        assert got_b.dtype == torch.bfloat16 and _rel(got_b, want_b) < 2 * _rel(want_b.bfloat16(), want_b) + 1e-5
 
 
 CONVS = [  # kernel, stride, padding, dilation, groups
