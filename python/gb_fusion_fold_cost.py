@@ -7,7 +7,7 @@ Task (synthetic, learnable): 48x48 RGB images of noisy textured background with 
 rectangles and discs of 4 object classes; a class is a colour *and* a stripe orientation,
 so a pixel's label needs its neighbourhood (the encoder's context and the skip path
 both matter).  Model: a two-level U-Net (encoder 16-32-64 channels, BatchNorm, two
-concat skip merges -> two Q-GBFusion nodes), trained FP32, then W8A8 QAT (LSQ, q2ext.prepare)
+concat skip merges -> two Q-GBFusion nodes), trained FP32, then W8A8 (``--bits``) QAT (LSQ, q2ext.prepare)
 with Q-GBFusion.  Every arm is evaluated on the same held-out images (mDICE over the 4
 object classes and background, and argmax agreement with the fake-quant model as trained):
 
@@ -117,7 +117,7 @@ def run_seed(seed, args):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = q2ext.insert_gbfusion(copy.deepcopy(fp32), example_inputs=(train_set[0][0],))
-    qat = q2ext.prepare(report.model, q2ext.QConfig(w_bits=8, a_bits=8, a_quantizer="lsq"))
+    qat = q2ext.prepare(report.model, q2ext.QConfig(w_bits=args.bits, a_bits=args.bits, a_quantizer="lsq"))
     qat = train(qat, train_set, args.qat_steps, 1e-3)
     calib = [x for x, _ in train_set[:4]]
     subset = train_set[: args.ft_batches]
@@ -143,6 +143,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=400, help="FP32 training steps")
     p.add_argument("--qat-steps", type=int, default=200)
+    p.add_argument("--bits", type=int, default=8, help="W and A bits of the QAT model (LSQ; int8 grids below 8)")
     p.add_argument("--ft-steps", type=int, default=100)
     p.add_argument("--ft-lr", type=float, default=2e-5)
     p.add_argument("--ft-batches", type=int, default=4, help="batches of 16 in the fine-tune subset")
@@ -151,7 +152,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     per_seed = [run_seed(s, args) for s in args.seeds]
-    print(f"seeds {args.seeds}; mDICE (%) on {6 * 16} held-out {HW}x{HW} images, mean [min, max] over seeds; "
+    print(f"W{args.bits}A{args.bits} LSQ; seeds {args.seeds}; mDICE (%) on {6 * 16} held-out {HW}x{HW} images, mean [min, max] over seeds; "
           "agreement = argmax agreement with the fake-quant model as trained")
     print("| arm | mDICE | change vs as trained | argmax agreement | fold (+ fine-tune) seconds |\n|---|---|---|---|---|")
     for arm in per_seed[0]:
