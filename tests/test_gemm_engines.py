@@ -229,6 +229,9 @@ def test_override_by_environment_and_layer(cache, monkeypatch):
     lin.engine = "auto"
     with pytest.raises(ValueError, match="Q2EXT_INT8_ENGINE must be one of"):
         lin(x)
+    lin.engine = "mkl"
+    with pytest.raises(ValueError, match="the layer's engine must be one of"):
+        lin(x)
 
 
 def test_forced_engine_that_cannot_run_lists_why(cache):

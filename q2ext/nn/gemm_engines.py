@@ -202,7 +202,7 @@ def choose(shape_key: str, candidates: dict, reasons: dict, forced: str = "auto"
         forced: the layer's own setting ('auto' defers to the environment).
         kind: 'int8' or 'int4' (which environment variable applies).
     """
-    want = forced if forced != "auto" else requested_engine(kind)
+    want = check_engine(forced, kind, "the layer's engine") if forced != "auto" else requested_engine(kind)
     if want != "auto":
         if want not in candidates:
             raise RuntimeError(f"int engine {want!r} cannot run this layer ({shape_key}): "
