@@ -100,14 +100,28 @@ def cache_dir() -> str:
     return os.path.join(base, "q2ext")
 
 
+_cpu_name = None
+
+
 def machine_key() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu} | {torch.get_num_threads()} threads | q2ext {cpu_isa()} | torch {torch.__version__}"
+    """CPU model, thread count, q2ext's CPU path and torch version (what a choice depends on)."""
+    global _cpu_name
+    if _cpu_name is None:
+        _cpu_name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                _cpu_name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), _cpu_name)
+        except OSError:
+            pass
+    return f"{_cpu_name} | {torch.get_num_threads()} threads | q2ext {cpu_isa()} | torch {torch.__version__}"
+
+
+def settled(layer_engine: str, chosen, kind: str = "int8") -> bool:
+    """Whether a layer may reuse `chosen`, the engine it ran for this shape before, without
+    asking again: the layer's and the environment's settings still allow it.  Keeps the
+    per-call cost of the choice to two dict lookups."""
+    return chosen is not None and layer_engine in ("auto", chosen) and \
+        os.environ.get(ENV[kind], "auto") in ("auto", chosen)
 
 
 def _cache_path():

@@ -147,6 +147,8 @@ class _Int8Layer(nn.Module):
         """The engine for this call: run(engine) runs it."""
         if torch.compiler.is_compiling():  # see gemm_engines: compiled code runs q2ext's kernels
             return "q2ext"
+        if gemm_engines.settled(self.engine, self.engines.get(key)):
+            return self.engines[key]
         cands, reasons = {"q2ext": lambda: run("q2ext")}, {}
         why = gemm_engines.onednn_reasons(x) + self._onednn_shape_reasons(x)
         if self.x_scale is None:
@@ -454,6 +456,8 @@ class Int4Linear(nn.Module):
     def _pick(self, key, x, rows):
         if torch.compiler.is_compiling():  # see gemm_engines: compiled code runs q2ext's kernels
             return "q2ext"
+        if gemm_engines.settled(self.engine, self.engines.get(key), "int4"):
+            return self.engines[key]
         cands, reasons = {"q2ext": lambda: self._run("q2ext", rows)}, {}
         why = gemm_engines.int4pack_reasons(x, self.out_features, self.in_features, self.group_size)
         if why:
