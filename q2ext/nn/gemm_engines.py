@@ -16,7 +16,7 @@ Engines:
 Hand-written kernels win on some CPUs and lose badly on others, so nothing is fixed
 here: with ``auto`` (the default) the first forward of a layer with a new input shape
 times every engine that can run it, on that very input (one warm-up call, then
-interleaved rounds; the median wins), like cuDNN's benchmark mode; an engine whose output
+interleaved rounds; the fastest call wins), like cuDNN's benchmark mode; an engine whose output
 there differs from q2ext's beyond epilogue rounding is ruled out for the shape.  The decision is
 cached per (shape, machine): in memory, and in ``<cache dir>/gemm_engines.json``
 (``$Q2EXT_CACHE_DIR``, else ``$XDG_CACHE_HOME/q2ext``, else ``~/.cache/q2ext``) so a
@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
 import warnings
 
@@ -185,10 +184,11 @@ def agree(got: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 def measure(candidates: dict, rounds: int = 3, calls: int = 2, outputs: dict | None = None) -> dict:
-    """{engine: median seconds} of the zero-argument callables in `candidates`: one
-    warm-up call each (oneDNN creates its primitive there; its result goes to `outputs`
-    when given), then `rounds` interleaved rounds, each the best of `calls` calls, so a
-    slow spell of a loaded machine hits every engine and not only the one it fell on."""
+    """{engine: seconds} of the zero-argument callables in `candidates`: one warm-up call
+    each (oneDNN creates its primitive there; its result goes to `outputs` when given),
+    then `rounds` interleaved rounds of `calls` calls; each engine's fastest call counts.
+    Interference from other processes only ever adds time, so the minimum is the least
+    noisy estimate, and interleaving spreads a slow spell over every engine."""
     for name, fn in candidates.items():
         out = fn()
         if outputs is not None:
@@ -202,7 +202,7 @@ def measure(candidates: dict, rounds: int = 3, calls: int = 2, outputs: dict | N
                 fn()
                 best = min(best, time.perf_counter() - t0)
             times[name].append(best)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: min(t) for name, t in times.items()}
 
 
 def choose(shape_key: str, candidates: dict, reasons: dict, forced: str = "auto", kind: str = "int8") -> str:
