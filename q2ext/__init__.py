@@ -13,7 +13,7 @@ from ._ext import cpu_isa, has_compiled, set_cpu_isa
 from .nn import Q2Distiller, calibrate, gradient_energy_report
 from .passes.convert import convert
 from .passes.export import export_onnx
-from .passes.gb_fusion_fold import calibrate_gbfusion, fold_gbfusion
+from .passes.gb_fusion_fold import FinetuneSpec, calibrate_gbfusion, finetune, fold_gbfusion
 from .passes.gb_fusion_insert import insert_gbfusion
 from .passes.prepare import prepare, summary
 from .qconfig import LayerQConfig, QConfig
@@ -22,4 +22,5 @@ __version__ = "0.1.0"
 
 __all__ = ["ops", "reference", "backend", "nn", "passes", "cpu_isa", "set_cpu_isa", "has_compiled", "__version__",
            "QConfig", "LayerQConfig", "prepare", "summary", "calibrate", "convert", "export_onnx",
-           "insert_gbfusion", "fold_gbfusion", "calibrate_gbfusion", "gradient_energy_report", "Q2Distiller"]
+           "insert_gbfusion", "fold_gbfusion", "calibrate_gbfusion", "FinetuneSpec", "finetune",
+           "gradient_energy_report", "Q2Distiller"]

@@ -254,12 +254,12 @@ def test_calibrated_gbfusion(tmp_path):
         net = q2ext.insert_gbfusion(TinyUNet(), example_inputs=(x,)).model
     model = _learned(q2ext.prepare(net, q2ext.QConfig(w_bits=4, a_bits=4)), x)
     with pytest.raises(ValueError, match="calibrate_gbfusion"):
-        export_onnx(model, x, tmp_path / "gbf.onnx")
+        export_onnx(model, x, tmp_path / "gbf.onnx", gbfusion="fold")
     live = copy.deepcopy(model)
     q2ext.calibrate_gbfusion(model, [x])
-    _check(model, x, tmp_path / "gbf.onnx", n_weight_dq=4)
-    # gbfusion="keep": the node as trained (per-pixel LayerNorm) in ONNX ops
-    ops = _check(live, x, tmp_path / "gbf_keep.onnx", n_weight_dq=4, gbfusion="keep")
+    _check(model, x, tmp_path / "gbf.onnx", n_weight_dq=4, gbfusion="fold")
+    # gbfusion="keep" (the default): the node as trained (per-pixel LayerNorm) in ONNX ops
+    ops = _check(live, x, tmp_path / "gbf_keep.onnx", n_weight_dq=4)
     assert ops["ReduceMean"] >= 2 and ops["Sqrt"] + ops.get("Rsqrt", 0) + ops["Reciprocal"] >= 1
     with pytest.raises(ValueError, match="gbfusion must be 'fold' or 'keep'"):
         export_onnx(live, x, tmp_path / "bad.onnx", gbfusion="none")

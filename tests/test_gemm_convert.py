@@ -1,4 +1,5 @@
 """q2ext.convert: QAT model -> int8 model agrees with the fake-quant model."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -43,3 +44,42 @@ def test_convert_w8a8_agrees_with_fake_quant():
     assert isinstance(intm.head, Int8Linear)
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.99
     assert ((got - want).norm() / want.norm()) < 1e-4
+
+
+class SignedNet(nn.Module):
+    """Signed activations everywhere (SiLU, LN-like outputs, raw input): the default
+    QConfig's "auto" input quantizers become LSQ+ with active offsets."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, stride=2, padding=2, dilation=2, groups=16)
+        self.conv2 = nn.Conv2d(16, 24, 1)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = nn.functional.silu(self.conv1(x))
+        x = nn.functional.silu(self.dw(x))
+        x = self.conv2(x)
+        return self.head(x.mean(dim=(2, 3)) - 0.1)
+
+
+@pytest.mark.parametrize("engine", ["q2ext", "onednn", "auto"])
+def test_every_prepared_model_converts(engine):
+    """prepare with the default QConfig -> one forward -> convert: the int model matches the
+    fake-quant model (signed inputs, LSQ+ offsets, depthwise/strided/dilated convs,
+    channels-last input, batch 1)."""
+    torch.manual_seed(1)
+    qat = prepare(SignedNet(), QConfig(w_bits=8, a_bits=8)).eval()
+    x = torch.randn(8, 3, 15, 13)
+    with torch.no_grad():
+        qat(x)
+        offsets = [m.input_quantizer for m in qat.modules() if hasattr(m, "input_quantizer")]
+        assert all(bool(q.offset_active) for q in offsets)
+        intm = convert(qat, engine=engine)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last), x[:1]):
+            want, got = qat(inp), intm(inp)
+            assert ((got - want).norm() / want.norm()) < 1e-4
+            assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.999
+    layers = [m for m in intm.modules() if isinstance(m, (Int8Conv2d, Int8Linear))]
+    assert len(layers) == 4 and all(m.x_offset is not None for m in layers)

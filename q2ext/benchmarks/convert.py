@@ -1,14 +1,25 @@
-"""End-to-end latency of converted int8 models: ``q2ext.convert`` output vs the
-FP32 eager model and the fake-quant (QAT, eval) model, plus the converted model's argmax
-agreement with the fake-quant model (target >= 99 %).
+"""End-to-end latency of converted int8 models against what a user would deploy instead.
+
+Same run, same inputs, batch 1 and 16, paths timed in interleaved rounds
+(common.interleaved_medians):
+
+- FP32 eager, and FP32 ``torch.compile`` (Inductor, ``freezing=True``);
+- PyTorch's own x86 int8 path: PT2E ``prepare_pt2e`` with ``X86InductorQuantizer``
+  (torchao's default static config), calibrated on the same batches, ``convert_pt2e``,
+  ``torch.compile`` with freezing (oneDNN int8 kernels);
+- onnxruntime (CPU EP) on the QDQ graph ``q2ext.export_onnx`` writes for the QAT model;
+- ``q2ext.convert`` with each int8 engine forced (``q2ext``, ``onednn``) and ``auto``
+  (per layer the engine measured fastest on this machine at the first forward, which
+  runs before the timed region).
 
 Models (random weights; BatchNorm statistics and quantizer steps calibrated on random
-data, so the activations have realistic ranges): torchvision ResNet-18 at batch 1 and 16,
-and a segmentation_models_pytorch U-Net (ResNet-18 encoder, Q-GBFusion nodes in the
-decoder, calibrated) at 1x3x128x128.  All paths run under torch.inference_mode in the
-same process; W8A8 is LSQ with signed/unsigned per-tensor activations (decided from data)
-and per-channel weights.  ``onnx=True`` adds onnxruntime on the exported QDQ graph
-(models without GBFusion only) as an external int8 reference.
+data, so activations have realistic ranges): torchvision ResNet-18, the
+segmentation_models_pytorch U-Net (ResNet-18 encoder), and that U-Net with Q-GBFusion
+nodes in the decoder after ``convert`` (``gbfusion="keep"``, the default: the fused
+per-pixel LayerNorm kernel runs; PT2E and the compiled FP32 model have no fusion node, so
+their rows there are the plain U-Net's).  W8A8 is LSQ with signed/unsigned per-tensor
+activations (from data) and per-channel weights.  The argmax agreement of every
+converted model with its fake-quant model is reported too (target >= 99.9 %).
 """
 from __future__ import annotations
 
@@ -16,21 +27,25 @@ import copy
 import functools
 import os
 import tempfile
+import types
 import warnings
 
 import torch
+from torch import nn
 
 from ..nn.fake_quant import calibrate
 from ..nn.fake_quant_layers import QuantConv2d, QuantLinear
+from ..nn.gemm_layers import INT_LAYERS
 from ..passes.convert import _conv_bn_pairs, convert
+from ..passes.export import export_onnx
 from ..passes.gb_fusion_fold import calibrate_gbfusion
 from ..passes.gb_fusion_insert import insert_gbfusion
 from ..passes.prepare import prepare
 from ..qconfig import QConfig
-from ..passes.export import export_onnx
 from .common import interleaved_medians, machine_info, print_table
 
 W8A8 = dict(w_bits=8, a_bits=8, a_quantizer="lsq")
+ENGINES = ("q2ext", "onednn", "auto")
 
 
 def _resnet18():
@@ -58,8 +73,9 @@ def _calibrate_bn(model, batches):
     return model.eval()
 
 
-def build(make, calib, gbfusion=False):
-    """(float model, fake-quant W8A8 model, converted int model), all in eval mode."""
+def build(make, calib, gbfusion=False, fold=False):
+    """(float model, fake-quant W8A8 model, {engine: converted int model}), all in eval mode.
+    fold: convert with gbfusion='fold' (the scalar fold) instead of the default 'keep'."""
     torch.manual_seed(0)
     fp32 = _calibrate_bn(make(), calib)
     src = copy.deepcopy(fp32)
@@ -70,9 +86,10 @@ def build(make, calib, gbfusion=False):
     qat = prepare(src, QConfig(**W8A8))
     calibrate(qat, calib)
     qat.eval()
-    if gbfusion:
+    if fold:
         calibrate_gbfusion(qat, calib)  # the fake-quant reference runs with the constants too
-    return fp32, qat, convert(qat)
+    ints = {e: convert(qat, engine=e, gbfusion="fold" if fold else "keep") for e in ENGINES}
+    return fp32, qat, ints
 
 
 def _agreement(fq, intm, inputs):
@@ -114,6 +131,55 @@ def _layerwise_error(qat, intm, x):
     return worst
 
 
+def _basic_block_forward(self, x):
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    return self.relu_out(out + identity)
+
+
+def _unshare_relu(model):
+    """torchvision's BasicBlock calls one ReLU module twice; the X86InductorQuantizer's
+    pattern matcher rejects that ("Input partition has more than one output node"), so
+    the PT2E baseline gets a second ReLU module per block (same function)."""
+    import torchvision
+
+    for m in model.modules():
+        if isinstance(m, torchvision.models.resnet.BasicBlock):
+            m.relu_out = nn.ReLU()
+            m.forward = types.MethodType(_basic_block_forward, m)
+    return model
+
+
+def pt2e_x86(fp32, calib):
+    """PyTorch's x86 int8 path, compiled: (callable, what it is) or (None, why not)."""
+    try:
+        import torch._inductor.config as inductor_config
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError as exc:
+        return None, f"needs torchao ({exc})"
+    model = _unshare_relu(copy.deepcopy(fp32))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(model, (calib[0],), dynamic_shapes=({0: batch},)).module()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for b in calib:
+            prepared(b)
+    converted = convert_pt2e(prepared)
+    inductor_config.freezing = True
+    return torch.compile(converted), "PT2E X86InductorQuantizer + torch.compile"
+
+
+def _compiled_fp32(fp32):
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(copy.deepcopy(fp32))
+
+
 def _ort_session(qat, x, threads):
     import onnxruntime as ort
 
@@ -126,45 +192,75 @@ def _ort_session(qat, x, threads):
     return lambda t: sess.run(None, {name: t.numpy()})
 
 
-def run(quick: bool = False, min_run_time: float = 0.5, size: int = 96, onnx: bool = False):
-    """Run the benchmark; returns (text with the tables, summary records)."""
+def _engines_used(intm, batch=None):
+    """'engine count, ...' over the int layers' choices (for inputs of `batch` rows if given)."""
+    used = {}
+    for m in intm.modules():
+        if isinstance(m, INT_LAYERS):
+            for key, e in m.engines.items():
+                if batch is None or key.split()[1].startswith(f"{batch}x"):
+                    used[e] = used.get(e, 0) + 1
+    return ", ".join(f"{e} {n}" for e, n in sorted(used.items()))
+
+
+def _cases(quick, size):
+    cases = [("ResNet-18", _resnet18, False, size)]
+    if not quick:
+        cases += [("smp U-Net r18", _unet, False, 128), ("U-Net r18 + Q-GBFusion (keep)", _unet, True, 128)]
+    return cases
+
+
+def run(quick: bool = False, min_run_time: float = 0.5, size: int = 96, onnx: bool = True,
+        baselines: bool = True, batches=(1, 16)):
+    """Run the benchmark; returns (text with the tables, summary records).
+
+    baselines: also time torch.compile FP32 and PT2E x86 int8 (minutes of compilation)."""
     out = [machine_info()]
     print(out[0], flush=True)
     g = torch.Generator().manual_seed(0)
-    cases = [("ResNet-18", _resnet18, False, [1] if quick else [1, 16], size, 8 if quick else 32)]
-    if not quick:
-        cases.append(("U-Net r18 (Q-GBFusion)", _unet, True, [1], 128, 4))
-    rows, agree_rows, records = [], [], []
     threads = torch.get_num_threads()
-    built = {}
-    for name, make, gbf, _, hw, n_eval in cases:
+    rows, agree_rows, records = [], [], []
+    compiled = {}  # float architecture -> (fp32 compiled, pt2e) shared by the U-Net rows
+    for name, make, gbf, hw in _cases(quick, size):
         calib = [torch.randn(4, 3, hw, hw, generator=g) for _ in range(4)]
-        built[name] = build(make, calib, gbf)
-        fp32, qat, intm = built[name]
-        evals = [torch.randn(min(n_eval, 8), 3, hw, hw, generator=g) for _ in range(max(1, n_eval // 8))]
+        fp32, qat, ints = build(make, calib, gbf)
+        evals = [torch.randn(8, 3, hw, hw, generator=g) for _ in range(1 if quick else 2)]
         with torch.inference_mode():
-            acc, err = _agreement(qat, intm, evals)
-            acc_fp, _ = _agreement(fp32, qat, evals)
-            layer_err = _layerwise_error(qat, intm, evals[0])
-        unit = "images" if name.startswith("ResNet") else "pixels"
-        agree_rows.append([name, f"{sum(e.shape[0] for e in evals)} x 3x{hw}x{hw}", f"{100 * acc:.2f} % of {unit}",
-                           f"{err:.1e}", f"{layer_err:.1e}", f"{100 * acc_fp:.2f} %"])
-        records.append(dict(case=f"{name} argmax agreement int8 vs fake quant", value=acc))
-    for name, make, gbf, batches, hw, _ in cases:
-        fp32, qat, intm = built[name]
+            for engine, intm in ints.items():
+                acc, err = _agreement(qat, intm, evals)
+                agree_rows.append([name, engine, _engines_used(intm), f"{sum(e.shape[0] for e in evals)} x 3x{hw}x{hw}",
+                                   f"{100 * acc:.3f} %", f"{err:.1e}"])
+                records.append(dict(case=f"{name} argmax agreement int8 ({engine}) vs fake quant", value=acc))
+                layer_err = _layerwise_error(qat, intm, evals[0])
+                agree_rows[-1].append(f"{layer_err:.1e}")
+                records.append(dict(case=f"{name} {engine} per-layer max rel. error (teacher-forced)", value=layer_err))
+        arch = make.__name__
+        if baselines and arch not in compiled:
+            compiled[arch] = (_compiled_fp32(fp32), pt2e_x86(fp32, calib))
         for bs in batches:
             x = torch.randn(bs, 3, hw, hw, generator=g)
-            paths = [("FP32 eager", fp32), ("fake quant W8A8 (QAT eval)", qat), ("q2ext convert W8A8 (int8)", intm)]
-            if onnx and not gbf:
-                paths.append(("onnxruntime QDQ W8A8 (export_onnx)", _ort_session(qat, x, threads)))
-            with torch.inference_mode():  # the paths in interleaved rounds (common.interleaved_medians)
+            paths = [("FP32 eager", fp32)]
+            if baselines:
+                fp32_c, (pt2e, why) = compiled[arch]
+                paths.append(("FP32 torch.compile", fp32_c))
+                if pt2e is not None:
+                    paths.append(("PT2E x86 int8 + torch.compile", pt2e))
+                else:
+                    rows.append([name, f"{bs}x3x{hw}x{hw}", "PT2E x86 int8", "n/a", why])
+            if onnx:
+                paths.append(("onnxruntime QDQ (export_onnx)", _ort_session(qat, x, threads)))
+            paths += [(f"q2ext convert, engine={e}", ints[e]) for e in ENGINES]
+            with torch.inference_mode():
+                for _, fn in paths:  # compile, and let engine=auto measure, outside the timed region
+                    fn(x)
                 ts = interleaved_medians([functools.partial(fn, x) for _, fn in paths], min_run_time)
             base = ts[0]
             for (label, _), t in zip(paths, ts):
-                rows.append([name, f"{bs}x3x{hw}x{hw}", label, f"{t * 1e3:.2f}", f"{base / t:.2f}x"])
+                extra = f" ({_engines_used(ints['auto'], bs)})" if label.endswith("auto") else ""
+                rows.append([name, f"{bs}x3x{hw}x{hw}", label + extra, f"{t * 1e3:.2f}", f"{base / t:.2f}x"])
                 records.append(dict(case=f"{name} b{bs} {hw}px {label}", ms=t * 1e3, speedup_vs_fp32=base / t))
     out.append(print_table(rows, ["model", "input", "path", "ms", "speedup vs FP32 eager"]))
-    out.append(print_table(agree_rows, ["model", "eval inputs", "argmax agreement int8 vs fake quant",
-                                        "max rel. L2 error", "per-layer max rel. error (teacher-forced)",
-                                        "fake quant vs FP32 agreement"]))
+    out.append(print_table(agree_rows, ["model", "engine", "layers per engine", "eval inputs",
+                                        "argmax agreement int8 vs fake quant", "max rel. L2 error",
+                                        "per-layer max rel. error (teacher-forced)"]))
     return "\n\n".join(out), records

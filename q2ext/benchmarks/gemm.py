@@ -1,6 +1,10 @@
-"""Int8/int4 GEMM benchmark: q2ext's W8A8 and W4A16 kernels against fp32/bf16
-F.linear, the composite torch._int_mm path (separate quantize / int GEMM / dequantize
-ops), torch._weight_int8pack_mm and torch._weight_int4pack_mm_for_cpu, all in one run.
+"""Int8/int4 GEMM benchmark: q2ext's W8A8 and W4A16 kernels and oneDNN's int8 linear
+(torch.ops.onednn.qlinear_pointwise) against fp32/bf16 F.linear, the composite
+torch._int_mm path (separate quantize / int GEMM / dequantize ops),
+torch._weight_int8pack_mm and torch._weight_int4pack_mm_for_cpu, all in one run; plus
+the converted layers (Int8Linear / Int4Linear) with each engine forced and with the
+engine ``auto`` picks on this machine (q2ext.nn.gemm_engines), which is what a converted
+model runs.
 
 Throughput is 2*M*N*K / time (GFLOP/s for float paths, GOP/s for integer ones).  The
 W8A8 "end to end" rows include quantising the fp32 activation with a per-tensor static
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..nn.gemm_layers import Int4Linear, Int8Linear
 from .common import interleaved_medians, machine_info, median_seconds, print_table
 
 W8_SHAPES = [(1024, 1024, 1024), (4096, 256, 1024)]
@@ -26,6 +31,8 @@ W8_QUICK = [(1024, 1024, 1024)]
 W4_SHAPES = [(1, 4096, 4096), (16, 4096, 4096)]
 W4_QUICK = [(1, 4096, 4096)]
 GROUP = 128
+AUTO = "Int8Linear engine=auto (fp32 in/out)"
+AUTO4 = "Int4Linear engine=auto"
 
 
 def _int_mm_composite(x, x_scale, w_t, w_scale, bias):
@@ -49,6 +56,12 @@ def bench_w8a8(shapes, min_run_time):
         a_q, _ = ops.quantize_activation(x, x_scale)
         ops_count = 2.0 * m * n * k
         xb, wb = x.bfloat16(), w.bfloat16()
+        w_dnn, zp = torch.ops.onednn.qlinear_prepack(w_q, None), torch.zeros(n, dtype=torch.int64)
+        layers = {}
+        for engine in ("q2ext", "onednn", "auto"):  # the converted layer, engine forced / chosen
+            layers[engine] = Int8Linear(w_q, w_scale, x_scale, bias)
+            layers[engine].engine = engine
+            layers[engine](x)  # auto measures its choice here, outside the timed region
         cases = [
             ("fp32 F.linear", lambda: F.linear(x, w, bias)),
             ("bf16 F.linear", lambda: F.linear(xb, wb, bias.bfloat16())),
@@ -60,11 +73,18 @@ def bench_w8a8(shapes, min_run_time):
              lambda: ops.w8a8_linear(x, w_packed, w_scale, x_scale, bias)),
             ("q2ext w8a8_linear end to end (bf16 in/out)",
              lambda: ops.w8a8_linear(xb, w_packed, w_scale, x_scale, bias)),
+            ("oneDNN qlinear_pointwise only (int8 in, fp32 out)",
+             lambda: torch.ops.onednn.qlinear_pointwise(a_q, float(x_scale), 0, w_dnn, w_scale, zp, bias, 1.0, 0,
+                                                        torch.float32, "none", [], "")),
+            ("Int8Linear engine=q2ext (fp32 in/out)", lambda: layers["q2ext"](x)),
+            ("Int8Linear engine=onednn (fp32 in/out)", lambda: layers["onednn"](x)),
+            (AUTO, lambda: layers["auto"](x)),
         ]
         ts = interleaved_medians([fn for _, fn in cases], min_run_time)
         for (name, _), t in zip(cases, ts):
             speed[(m, n, k, name)] = ops_count / t / 1e9
-            rows.append([f"{m}x{n}x{k}", name, f"{t * 1e3:.3f}", f"{ops_count / t / 1e9:.0f}", f"{ts[0] / t:.2f}x"])
+            label = f"{name} -> {layers['auto'].engines.popitem()[1]}" if name == AUTO else name
+            rows.append([f"{m}x{n}x{k}", label, f"{t * 1e3:.3f}", f"{ops_count / t / 1e9:.0f}", f"{ts[0] / t:.2f}x"])
     return rows, speed
 
 
@@ -84,6 +104,9 @@ def bench_w4a16(shapes, min_run_time):
         sz = torch.stack([scales, zeros], dim=-1)  # [K/g, N, 2], same (q - 8) * s + z convention
         sz_b = sz.bfloat16()
         ops_count = 2.0 * m * n * k
+        layer = Int4Linear(q.to(torch.int16), scales, zeros, None, GROUP)
+        layer(x), layer(xb)  # auto measures its choice here, outside the timed region
+        chosen = dict(layer.engines)
         cases = [
             ("fp32 F.linear (dequantized weight)", lambda: F.linear(x, w)),
             ("bf16 F.linear (dequantized weight)", lambda: F.linear(xb, wb)),
@@ -91,10 +114,14 @@ def bench_w4a16(shapes, min_run_time):
             ("torch int4pack_mm_for_cpu (fp32 x)", lambda: torch._weight_int4pack_mm_for_cpu(x, t_packed, GROUP, sz)),
             ("q2ext w4a16_mm (bf16 x)", lambda: ops.w4a16_mm(xb, packed, scales, zeros, GROUP)),
             ("q2ext w4a16_mm (fp32 x)", lambda: ops.w4a16_mm(x, packed, scales, zeros, GROUP)),
+            (f"{AUTO4} (bf16 x)", lambda: layer(xb)),
+            (f"{AUTO4} (fp32 x)", lambda: layer(x)),
         ]
         ts = interleaved_medians([fn for _, fn in cases], min_run_time)
         for (name, _), t in zip(cases, ts):
             speed[(m, n, k, name)] = ops_count / t / 1e9
+            if name.startswith(AUTO4):
+                name += " -> " + next(v for key, v in chosen.items() if ("bfloat16" in key) == ("bf16" in name))
             rows.append([f"{m}x{n}x{k} g{GROUP}", name, f"{t * 1e3:.3f}", f"{ops_count / t / 1e9:.1f}",
                          f"{ts[0] / t:.2f}x"])
     return rows, speed
@@ -182,6 +209,8 @@ def run_cuda(quick: bool = False, min_run_time: float = 0.5):
             ("torch._weight_int4pack_mm (tinygemm, bf16 x)", tiny),
             ("q2ext w4a16_mm (bf16 x)", lambda: ops.w4a16_mm(xb, packed, scales, zeros, GROUP)),
             ("q2ext w4a16_mm (fp32 x)", lambda: ops.w4a16_mm(x, packed, scales, zeros, GROUP)),
+            (f"{AUTO4} (bf16 x)", lambda: layer(xb)),
+            (f"{AUTO4} (fp32 x)", lambda: layer(x)),
         ]
         rows += _cuda_rows(f"{m}x{n}x{k} g{GROUP}", cases, 2.0 * m * n * k, min_run_time)
     out.append(print_table(rows, head))
@@ -208,18 +237,20 @@ def run(quick: bool = False, min_run_time: float = 0.5, device: str = "cpu", onl
         out.append(print_table(r4, head))
     if s8:
         m, n, k = 1024, 1024, 1024
-        e2e_name = "q2ext w8a8_linear end to end (fp32 in/out)"
+        e2e_name = AUTO
         e2e = s8[(m, n, k, e2e_name)]
         lines.append(
-            f"W8A8 1024^3 end to end: {e2e / s8[(m, n, k, 'fp32 F.linear')]:.2f}x fp32 F.linear (target >= 6x), "
+            f"W8A8 1024^3 end to end: {e2e / s8[(m, n, k, 'fp32 F.linear')]:.2f}x fp32 F.linear (target >= 6x on AMX, >= 4x VNNI-only), "
             f"{e2e / s8[(m, n, k, 'torch._int_mm composite (quant+mm+dequant)')]:.2f}x the _int_mm composite "
             "(target >= 1.2x)")
         records += _records(s8, [(e2e_name, "fp32 F.linear"), (e2e_name, "torch._int_mm composite (quant+mm+dequant)")])
     for mm in sorted({s[0] for s in s4}):
         for dt in ("bf16", "fp32"):
             ours = s4[(mm, 4096, 4096, f"q2ext w4a16_mm ({dt} x)")]
+            layer = s4[(mm, 4096, 4096, f"{AUTO4} ({dt} x)")]
             theirs = s4[(mm, 4096, 4096, f"torch int4pack_mm_for_cpu ({dt} x)")]
-            lines.append(f"W4A16 M={mm} {dt}: {ours / theirs:.2f}x torch int4pack (target >= 1.2x)")
+            lines.append(f"W4A16 M={mm} {dt}: q2ext w4a16_mm {ours / theirs:.2f}x torch int4pack (target >= 1.2x); "
+                         f"Int4Linear auto {layer / theirs:.2f}x")
     records += _records(s4, [(f"q2ext w4a16_mm ({dt} x)", f"torch int4pack_mm_for_cpu ({dt} x)")
                              for dt in ("bf16", "fp32")])
     print("\n".join(lines), flush=True)

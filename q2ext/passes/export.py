@@ -199,23 +199,25 @@ def _swap_weights(model):
 
 
 def export_onnx(model: nn.Module, example_input, path, *, dynamic_batch: bool = False,
-                opset_version: int = OPSET, gbfusion: str = "fold"):
+                opset_version: int = OPSET, gbfusion: str = "keep"):
     """Write the QDQ ONNX graph of a prepared q2ext model to ``path``.
 
     Args:
         model: a model from :func:`q2ext.prepare` whose quantizers are initialised
             (trained or calibrated); exported in eval mode on the CPU in float32 (the
-            model itself is not modified).  GBFusion nodes must run with calibrated
-            constants (``q2ext.calibrate_gbfusion``): they export as plain float ops in
-            front of the next layer's Q/DQ, like ``q2ext.convert`` keeps them.
+            model itself is not modified).  GBFusion nodes export as ``gbfusion`` says;
+            nodes already folded (``q2ext.fold_gbfusion``) are plain float ops in front of
+            the next layer's Q/DQ, like ``q2ext.convert`` keeps them.
         example_input: a float tensor (e.g. ``[1, 3, H, W]``) or a tuple of positional
             inputs; fixes the graph's input shapes.
         path: destination ``.onnx`` file (str or os.PathLike).
         dynamic_batch: make dimension 0 of every input symbolic.
         opset_version: ONNX opset, >= 18.
-        gbfusion: "fold" (nodes must be calibrated, see above) or "keep": every GBFusion
-            exports with alpha frozen and its per-pixel LayerNorm as ONNX ops (the model as
-            trained; ``q2ext.convert(..., gbfusion="keep")`` is its int8 counterpart).
+        gbfusion: "keep" (the default): every GBFusion exports with alpha frozen and its
+            per-pixel LayerNorm as ONNX ops (the model as trained, lossless;
+            ``q2ext.convert``'s default is its int8 counterpart), or "fold": every node
+            must run with calibrated constants (``q2ext.calibrate_gbfusion``) and exports
+            as a constant affine (the fold changes the function; see gb_fusion_fold).
     Returns: the exported ``onnx.ModelProto``.
     Raises: ValueError for a model without q2ext quantized layers, with uninitialised
     quantizers or uncalibrated GBFusion nodes; OSError naming ``path`` when it cannot be

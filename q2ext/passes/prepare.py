@@ -22,6 +22,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..nn.fake_quant import LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, Quantizer
 from ..nn.fake_quant_layers import FLOAT_TO_QUANT, QUANT_LAYERS
+from ..nn.gemm_layers import INT_LAYERS, describe_int_layer
 from ..qconfig import QConfig
 
 __all__ = ["prepare", "summary"]
@@ -196,24 +197,36 @@ def _describe(q: nn.Module):
     return str(q.bits), kind, gran, step
 
 
+def _table(headers, rows, what):
+    widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*headers), "  ".join("-" * w for w in widths)]
+    lines += [fmt.format(*r) for r in rows]
+    lines.append(f"{len(rows)} {what}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def summary(model: nn.Module) -> str:
     """A table of every quantized layer: name, type, weight and input bits, quantizer,
-    granularity and step-size stats (min / mean / max over channels).  Returns the text;
+    granularity and step-size stats (min / mean / max over channels); for a converted
+    model (``q2ext.convert``) every int layer with its grids and the engine it runs on per
+    input shape seen so far (``q2ext.nn.gemm_engines``).  Returns the text;
     ``print(q2ext.summary(model))`` shows it.  Reads parameters on the host (not for the
     training loop)."""
     headers = ["layer", "type", "w bits", "w quantizer", "w granularity", "w step", "a bits", "a quantizer",
                "a granularity", "a step"]
-    rows = []
+    rows, int_rows = [], []
     for name, m in model.named_modules():
         if isinstance(m, QUANT_LAYERS):
             wb, wk, wg, ws = _describe(m.weight_quantizer)
             ab, ak, ag, as_ = _describe(m.input_quantizer)
             rows.append([name or "<root>", type(m).__name__, wb, wk, wg, ws, ab, ak, ag, as_])
-    if not rows:
+        elif isinstance(m, INT_LAYERS):
+            int_rows.append([name or "<root>", *describe_int_layer(m)])
+    if not rows and not int_rows:
         return "q2ext.summary: no quantized layer (run q2ext.prepare first)"
-    widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*headers), "  ".join("-" * w for w in widths)]
-    lines += [fmt.format(*r) for r in rows]
-    lines.append(f"{len(rows)} quantized layers")
-    return "\n".join(line.rstrip() for line in lines)
+    parts = [_table(headers, rows, "quantized layers")] if rows else []
+    if int_rows:
+        parts.append(_table(["layer", "type", "weight", "activation", "engine (input shape: engine)"], int_rows,
+                            "int layers"))
+    return "\n\n".join(parts)
