@@ -91,3 +91,13 @@ def op_for(name: str, device_type: str):
     if name in TRITON_OPS and select(device_type) == "triton":
         return getattr(torch.ops.q2ext, name + "_triton")
     return getattr(torch.ops.q2ext, name)
+
+
+def cache_dir() -> str:
+    """Where q2ext keeps what it measures or trains once per machine (int8 engine choices, the
+    demo's FP32 checkpoints): ``$Q2EXT_CACHE_DIR``, else ``$XDG_CACHE_HOME/q2ext``, else
+    ``~/.cache/q2ext``."""
+    if os.environ.get("Q2EXT_CACHE_DIR"):
+        return os.environ["Q2EXT_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "q2ext")

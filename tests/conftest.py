@@ -6,8 +6,12 @@ once another module imported q2ext (and with it triton).  With it, the Triton ke
 run on CPU tensors under the interpreter, so they are tested on machines without a GPU.
 """
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Caches the library writes (int8 engine choices, demo checkpoints) go to a fresh folder, not
+# the user's home: a test never depends on what an earlier run left behind.
+os.environ.setdefault("Q2EXT_CACHE_DIR", tempfile.mkdtemp(prefix="q2ext-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

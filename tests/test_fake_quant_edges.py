@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from q2ext import ops
 from q2ext.reference import fake_quant as R
-from q2ext._ops.fake_quant import MODE_AFFINE, MODE_PACT
+from q2ext._ops.fake_quant import MODE_PACT
 
 from helpers import *  # noqa: F401,F403  (shared case model and checks)
 from helpers import _describe  # noqa: F401

@@ -6,7 +6,6 @@ oneDNN's int32 accumulators are checked exactly through unit scales (fp32 holds 
 its outputs must lie within a few fp32 ulps of |acc s_x s_W| + |b| of the reference.
 """
 import json
-import os
 
 import pytest
 import torch

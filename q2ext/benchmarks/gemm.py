@@ -209,8 +209,6 @@ def run_cuda(quick: bool = False, min_run_time: float = 0.5):
             ("torch._weight_int4pack_mm (tinygemm, bf16 x)", tiny),
             ("q2ext w4a16_mm (bf16 x)", lambda: ops.w4a16_mm(xb, packed, scales, zeros, GROUP)),
             ("q2ext w4a16_mm (fp32 x)", lambda: ops.w4a16_mm(x, packed, scales, zeros, GROUP)),
-            (f"{AUTO4} (bf16 x)", lambda: layer(xb)),
-            (f"{AUTO4} (fp32 x)", lambda: layer(x)),
         ]
         rows += _cuda_rows(f"{m}x{n}x{k} g{GROUP}", cases, 2.0 * m * n * k, min_run_time)
     out.append(print_table(rows, head))

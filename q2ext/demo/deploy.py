@@ -55,7 +55,7 @@ def run_deploy(cfg, fp32, data, seed: int, progress=True, log=print) -> dict:
     frozen = copy.deepcopy(model)
     q2ext.calibrate_gbfusion(frozen, calib)  # the constants convert() calibrates, on the same batches
     start = time.perf_counter()
-    int8 = q2ext.convert(frozen)  # reuses the constants just calibrated: the same fold as convert(model, calib)
+    int8 = q2ext.convert(frozen, gbfusion="fold")  # reuses the constants just calibrated: the same fold as convert(model, calib)
     convert_s = time.perf_counter() - start
     keep = q2ext.convert(model, gbfusion="keep")
     out = {

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .. import backend
 from .data import ShapesConfig, make_splits
 from .deploy import run_deploy
 from .train import VARIANTS, build_fp32, build_variant, fit, mdice
@@ -81,11 +82,7 @@ def quick_config(**changes) -> DemoConfig:
 
 
 def cache_dir() -> Path:
-    """$Q2EXT_CACHE_DIR, else $XDG_CACHE_HOME/q2ext, else ~/.cache/q2ext."""
-    if os.environ.get("Q2EXT_CACHE_DIR"):
-        return Path(os.environ["Q2EXT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "q2ext"
+    return Path(backend.cache_dir())
 
 
 def _pretrain(cfg, seed, data, progress, log):

@@ -41,6 +41,7 @@ import warnings
 import torch
 
 from .._ext import cpu_isa
+from ..backend import cache_dir
 
 INT8_ENGINES = ("q2ext", "onednn")
 INT4_ENGINES = ("q2ext", "torch")
@@ -89,14 +90,6 @@ def int4pack_reasons(x: torch.Tensor, n: int, k: int, group_size: int) -> list:
     if k % 2 or k % group_size:
         reasons.append(f"aten._weight_int4pack_mm_for_cpu needs in_features even and a multiple of group_size, got {k}")
     return reasons
-
-
-def cache_dir() -> str:
-    """``$Q2EXT_CACHE_DIR``, else ``$XDG_CACHE_HOME/q2ext``, else ``~/.cache/q2ext``."""
-    if os.environ.get("Q2EXT_CACHE_DIR"):
-        return os.environ["Q2EXT_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "q2ext")
 
 
 _cpu_name = None

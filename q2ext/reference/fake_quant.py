@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from .._ops import compute_dtype, sanitize_scale
-from .._ops.fake_quant import MODE_AFFINE, MODE_LSQ, MODE_PACT, dense_like, lsq_grad_scale, lsq_levels
+from .._ops.fake_quant import MODE_LSQ, MODE_PACT, dense_like, lsq_grad_scale, lsq_levels
 
 
 def _per_channel(t, x, axis, ct):
