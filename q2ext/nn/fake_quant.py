@@ -219,7 +219,7 @@ class Quantizer(nn.Module):
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         fn = self._quant_fn(x)
         y = fn(x)
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if isinstance(y, torch.Tensor) and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # How to compute y again from x (same op, same parameter tensors): a quantized
             # layer then saves x, which the op's backward keeps anyway, instead of y for
             # the float op's backward (see q2ext.nn.fake_quant_layers).  A weak reference,
