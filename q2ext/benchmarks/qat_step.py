@@ -365,12 +365,15 @@ def run(quick: bool = False, compile_variants: bool = True, profile: bool = True
                 comp = variants[label].compile_s
                 rows.append([mname, label, f"{t * 1e3:.1f}", f"{ratio:.2f}x ({_reference(label)})",
                              f"{comp:.1f}" if comp is not None else "-"])
+                print(f"  {mname} | {label}: {t * 1e3:.1f} ms, {ratio:.2f}x {_reference(label)}", flush=True)
                 records.append(dict(model=mname, variant=label, ms=t * 1e3, vs_fp32=ratio, compile_s=comp))
         if memory:
             peaks = memory_variants(variants)
             for label, b in peaks.items():
                 ratio = b / peaks[_reference(label)]
                 mem_rows.append([mname, label, f"{b / 2**20:.1f}", f"{ratio:.2f}x ({_reference(label)})"])
+                print(f"  {mname} | {label}: step peak {b / 2**20:.1f} MiB, {ratio:.2f}x {_reference(label)}",
+                      flush=True)
                 records.append(dict(model=mname, variant=label, ms=None, peak_mib=b / 2**20, vs_fp32=ratio))
         if profile and case.timed:
             prof_rows += _profile_rows(mname, variants)
