@@ -151,9 +151,9 @@ torch.library.register_autograd("q2ext::fake_quant", _backward, setup_context=_s
 # Under torch.compile the kernels above would be opaque calls: Inductor cannot fuse them
 # with the BatchNorm/ReLU before them or with the backward's pointwise ops, it copies
 # their inputs and outputs between its channels_last layout and the strides the op was
-# traced with, and its partitioner has to save the quantized output for the next layer's
-# backward.  Decomposed into ATen ops they become a few more fused pointwise/reduction
-# loops, and the partitioner recomputes the quantized output from x instead of saving it.
+# traced with.  Decomposed into ATen ops they become a few more fused pointwise/reduction
+# loops in Inductor's own layout (its partitioner still decides what to save; today it
+# keeps the quantized tensors, as for any pure-PyTorch LSQ).
 # Only Inductor uses this (eager and other backends keep the kernels).  The arithmetic is
 # that of csrc/include/q2ext/fake_quant_math.h (reciprocal multiply, half-to-even,
 # fp32 sums); the compiled build of Inductor does not contract it into FMAs by default.

@@ -18,8 +18,9 @@ float layer keeps one.  In eager training a layer therefore lets the float op sa
 quantizer's float input in place of the quantized tensor (``saved_tensors_hooks``) and
 the backward recomputes the quantized tensor from it, one fake-quant forward, bit for bit
 the same values.  The training step's peak memory stays near the float model's.  Under
-``torch.compile`` Inductor's partitioner makes that choice itself.  Set
-``layer.recompute_quantized = False`` to save the quantized tensors instead.
+``torch.compile`` the hooks are off and Inductor's partitioner decides what to save (it
+keeps the quantized tensors today).  Set ``layer.recompute_quantized = False`` to save the
+quantized tensors in eager too.
 """
 from __future__ import annotations
 
