@@ -11,6 +11,7 @@ kernels, autograd) -> ``reference`` (the oracle) -> ``_ext`` (loads the kernels)
 from . import _ext, backend, nn, ops, passes, reference
 from ._ext import cpu_isa, has_compiled, set_cpu_isa
 from .nn import Q2Distiller, calibrate, gradient_energy_report
+from .passes.checkpoint import load_checkpoint, save_checkpoint
 from .passes.convert import convert
 from .passes.export import export_onnx
 from .passes.gb_fusion_fold import FinetuneSpec, calibrate_gbfusion, finetune, fold_gbfusion
@@ -23,4 +24,4 @@ __version__ = "0.1.0"
 __all__ = ["ops", "reference", "backend", "nn", "passes", "cpu_isa", "set_cpu_isa", "has_compiled", "__version__",
            "QConfig", "LayerQConfig", "prepare", "summary", "calibrate", "convert", "export_onnx",
            "insert_gbfusion", "fold_gbfusion", "calibrate_gbfusion", "FinetuneSpec", "finetune",
-           "gradient_energy_report", "Q2Distiller"]
+           "gradient_energy_report", "Q2Distiller", "save_checkpoint", "load_checkpoint"]

@@ -22,7 +22,7 @@ import torch
 
 from . import demo
 from .benchmarks import suite
-from .benchmarks.common import machine_info
+from .benchmarks.common import import_cpp_extension_quietly, machine_info
 from .nn.gb_fusion import gradient_energy_report
 from .passes.prepare import summary
 
@@ -56,6 +56,7 @@ def _bench(args) -> int:
         except ImportError:
             print("q2ext bench: --plot needs matplotlib: pip install 'q2ext[demo]'", file=sys.stderr)
             return 2
+    import_cpp_extension_quietly()  # the suites' torch.compile baselines would import it, with a CUDA_HOME warning
     table, records = suite.run(quick=args.quick, device=args.device, only=args.only)
     if args.out:
         with open(args.out, "w") as f:

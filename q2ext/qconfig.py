@@ -7,6 +7,7 @@ and per-layer overrides, each keyed by a module-name glob or a module type.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
@@ -139,6 +140,70 @@ class QConfig(LayerQConfig):
 
     def layer_defaults(self) -> LayerQConfig:
         return LayerQConfig(**{name: getattr(self, name) for name in LAYER_FIELDS})
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        """This config as plain data (str, int, bool, None, lists, dicts): storable in a
+        checkpoint that ``torch.load(weights_only=True)`` reads, or in JSON.  Module-type
+        patterns are stored by name (``{"type": "package.module.Class"}``)."""
+        out = {"format": _FORMAT}
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name not in ("skip", "overrides")})
+        out["skip"] = [_pattern_to_data(p) for p in self.skip]
+        out["overrides"] = [[_pattern_to_data(p), dict(changes)] for p, changes in self.overrides.items()]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "QConfig":
+        """The config :meth:`to_dict` stored.  A module-type pattern is looked up among the
+        modules already imported (the float model's classes are); unknown keys, an unknown
+        format or an unresolvable type are errors naming the entry."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"QConfig.from_dict: expected a mapping, got {type(data).__name__}")
+        if data.get("format") != _FORMAT:
+            raise ValueError(f"QConfig.from_dict: unknown format {data.get('format')!r} (this q2ext reads {_FORMAT!r})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - {"format"})
+        if unknown:
+            raise ValueError(f"QConfig.from_dict: unknown field(s) {unknown}; valid: {sorted(names)}")
+        kwargs = {k: v for k, v in data.items() if k in names and k not in ("skip", "overrides")}
+        kwargs["skip"] = tuple(_pattern_from_data(p, "skip") for p in data.get("skip", ()))
+        overrides = {}
+        for i, entry in enumerate(data.get("overrides", ())):
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], Mapping)):
+                raise ValueError(f"QConfig.from_dict: overrides[{i}] must be [pattern, {{field: value}}], "
+                                 f"got {entry!r}")
+            overrides[_pattern_from_data(entry[0], f"overrides[{i}]")] = dict(entry[1])
+        kwargs["overrides"] = overrides
+        return cls(**kwargs)
+
+
+_FORMAT = "q2ext.QConfig/1"
+
+
+def _pattern_to_data(pat):
+    return pat if isinstance(pat, str) else {"type": f"{pat.__module__}.{pat.__qualname__}"}
+
+
+def _pattern_from_data(data, where):
+    if isinstance(data, str):
+        return data
+    name = data.get("type") if isinstance(data, Mapping) else None
+    if not isinstance(name, str):
+        raise ValueError(f"QConfig.from_dict: {where}: a pattern is a glob string or {{'type': 'module.Class'}}, "
+                         f"got {data!r}")
+    # Only modules already imported: reading a config must not import (run) code.
+    module_name, obj = name, None
+    while "." in module_name and obj is None:
+        module_name, _, _ = module_name.rpartition(".")
+        if module_name in sys.modules:
+            obj = sys.modules[module_name]
+            for part in name[len(module_name) + 1:].split("."):
+                obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ValueError(f"QConfig.from_dict: {where}: module type {name!r} is not an nn.Module class of an "
+                         "imported module (import the module that defines it first)")
+    return obj
 
 
 def _check_pattern(pat, where):

@@ -23,7 +23,7 @@ try:  # a private helper; the name has moved between torch releases
 except ImportError:
     from torch._prims_common import is_non_overlapping_and_dense
 
-from . import LIB, define
+from . import LIB, define, sanitize_scale
 
 MODE_AFFINE = 0
 MODE_PACT = 1
@@ -149,6 +149,102 @@ def make_fake_quant_autograd(backward_op):
 
 _setup, _backward = make_fake_quant_autograd(torch.ops.q2ext.fake_quant_backward)
 torch.library.register_autograd("q2ext::fake_quant", _backward, setup_context=_setup, lib=LIB)
+
+
+# ---------------------------------------------------------------- decomposition for Inductor
+# Under torch.compile the kernels above would be opaque calls: Inductor cannot fuse them
+# with the BatchNorm/ReLU before them or with the backward's pointwise ops, it copies
+# their inputs and outputs between its channels_last layout and the strides the op was
+# traced with.  Decomposed into ATen ops they become a few more fused pointwise/reduction
+# loops in Inductor's own layout (its partitioner still decides what to save; today it
+# keeps the quantized tensors, as for any pure-PyTorch LSQ).
+# Only Inductor uses this (eager and other backends keep the kernels).  The arithmetic is
+# that of csrc/include/q2ext/fake_quant_math.h (reciprocal multiply, half-to-even,
+# fp32 sums); the compiled build of Inductor does not contract it into FMAs by default.
+
+def _per_channel(t, x, axis):
+    if axis is None:
+        return t.reshape(())
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def _decomp_params(x, scale, zero_point, offset, quant_min, quant_max, axis, mode):
+    """(s, 1/s, zp, offset, PACT clip) broadcastable against x, in fp32."""
+    s = sanitize_scale(_per_channel(scale, x, axis))
+    clip = None
+    if mode == MODE_PACT:
+        clip, s = s, s / quant_max
+    zp = 0.0
+    if zero_point is not None:
+        z = _per_channel(zero_point, x, axis)
+        zp = torch.where(torch.isnan(z), 0.0, torch.round(z)).clamp(quant_min, quant_max)
+    off = 0.0 if offset is None else _per_channel(offset, x, axis)
+    return s, 1.0 / s, zp, off, clip
+
+
+def _fake_quant_decomposition(x, scale, zero_point, offset, quant_min, quant_max, axis, mode, grad_factor):
+    s, inv, zp, off, _ = _decomp_params(x, scale, zero_point, offset, quant_min, quant_max, axis, mode)
+    q = torch.round((x.float() - off) * inv) + zp
+    c = torch.where(q < quant_min, float(quant_min), torch.where(q > quant_max, float(quant_max), q))
+    return ((c - zp) * s + off).to(x.dtype)
+
+
+def _fake_quant_backward_decomposition(grad, x, scale, zero_point, offset, quant_min, quant_max, axis, mode,
+                                       grad_factor, output_mask):
+    s, inv, zp, off, clip = _decomp_params(x, scale, zero_point, offset, quant_min, quant_max, axis, mode)
+    xf, dy = x.float(), grad.float()
+    if mode == MODE_PACT:
+        inside = (xf >= 0) & (xf < clip)
+        clipped = xf >= clip
+    else:
+        q = torch.round((xf - off) * inv) + zp
+        below, above = q < quant_min, q > quant_max
+        inside = (q >= quant_min) & (q <= quant_max)
+        clipped = below | above
+    dims = [d for d in range(x.dim()) if d != axis]
+
+    def total(t):  # per-channel (or whole-tensor) fp32 sum, shaped [C]
+        if axis is None:
+            return t.sum().reshape(1)
+        return t.sum(dim=dims) if dims else t
+
+    g = float(grad_factor)
+    dclip = total(torch.where(clipped, dy, 0.0)) if (mode == MODE_PACT or output_mask[2]) else None
+    dx = torch.where(inside, grad, 0.0).to(grad.dtype) if output_mask[0] else scale.new_empty((0,))
+    if not output_mask[1]:
+        dscale = scale.new_empty((0,))
+    elif mode == MODE_PACT:
+        dscale = (g * dclip).reshape(scale.shape)
+    else:
+        inside_term = (dy * ((q - zp) * s - (xf - off))) * inv
+        edge = torch.where(below, quant_min - zp, quant_max - zp)
+        el = torch.where(inside, inside_term, torch.where(clipped, dy * edge, 0.0))
+        dscale = (g * total(el)).reshape(scale.shape)
+    third = zero_point if zero_point is not None else offset
+    if not output_mask[2] or third is None:
+        dthird = scale.new_empty((0,))
+    elif zero_point is not None:
+        dthird = (-g * s.reshape(-1) * dclip).reshape(third.shape)
+    else:
+        dthird = (g * dclip).reshape(third.shape)
+    return dx, dscale, dthird
+
+
+def register_compile_decompositions(forward_op, backward_op) -> bool:
+    """Give Inductor the ATen decompositions of a fake-quant forward/backward op pair with
+    the ``q2ext::fake_quant`` schemas.  Returns False when this torch has no Inductor."""
+    try:
+        from torch._inductor.decomposition import register_decomposition
+    except ImportError:  # a torch build without Inductor: the op stays opaque
+        return False
+    register_decomposition(forward_op)(_fake_quant_decomposition)
+    register_decomposition(backward_op)(_fake_quant_backward_decomposition)
+    return True
+
+
+register_compile_decompositions(torch.ops.q2ext.fake_quant.default, torch.ops.q2ext.fake_quant_backward.default)
 
 
 # ---------------------------------------------------------------- quantizer formulas

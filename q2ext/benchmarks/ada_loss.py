@@ -19,10 +19,11 @@ sides.
 from __future__ import annotations
 
 import torch
+from torch.profiler import ProfilerActivity
 
 from .._ops.ada_loss import DIV_JS, DIV_KL, NORM_SIGMOID, NORM_SOFTMAX
 from ..reference import ada_loss as ada_reference
-from .common import machine_info, median_seconds, print_table
+from .common import machine_info, median_seconds, print_table, quiet_profile
 
 # (name, shape [N, C, H, W], dtype, divergence, normalize): YOLOv5s-like neck features.
 FULL_CASES = [
@@ -61,9 +62,8 @@ def _fwd_bwd(loss_fn, x, t, xq, tq, step, args):
 
 def peak_extra_bytes(fn) -> int:
     """Peak of (bytes allocated - bytes freed) on the CPU during fn(), see the module doc."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # quiet_profile: without libkineto's start/stop lines on stderr
+    with quiet_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())

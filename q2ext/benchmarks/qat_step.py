@@ -1,25 +1,30 @@
-"""W4A4 QAT training-step benchmark: one forward + backward + SGD step.
+"""W4A4 QAT training-step benchmark: time and peak memory of one forward + backward + SGD step.
 
-Models: torchvision ResNet-18 (batch 16, 3x96x96, 1000 classes) and a
+Models: torchvision ResNet-18 (batch 16, 3x96x96, 1000 classes), a
 segmentation-models-pytorch U-Net with a ResNet-18 encoder (batch 8, 3x128x128, 2
-classes).  Variants, all measured in this process, all W4A4 on every Conv2d/Linear
-(per-output-channel weight scales, per-tensor input scales, LSQ initialisation):
+classes), and for the memory table a torchvision FCOS detector (ResNet-50 FPN, 2 images
+of 3x128x128, 3 classes, its own losses).  Variants, all built and measured in this
+process, all W4A4 on every Conv2d/Linear (per-output-channel weight scales, per-tensor
+input scales, LSQ initialisation):
 
-- FP32: the float model;
-- q2ext: ``q2ext.prepare`` (first/last layer also 4 bits here, for a like-for-like count);
-- PyTorch learnable: the same layers with ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``;
+- FP32: the float model, eager and under ``torch.compile``;
+- q2ext: ``q2ext.prepare`` (first/last layer also 4 bits here, for a like-for-like count),
+  eager and under ``torch.compile``;
 - naive LSQ: the LSQ code most projects carry (grad-scale trick, clamp, round with STE),
-  eager and under ``torch.compile`` (compile time reported separately);
-- q2ext under ``torch.compile`` (compile time reported separately).
+  eager and under ``torch.compile``;
+- PyTorch learnable: the same layers with ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``.
 
 Every quantized variant keeps the first layer's input step (the network input) fixed after
 its data initialisation, q2ext's default (``QConfig.freeze_network_input``); the row
 "q2ext, network-input step learned" shows what learning it costs (the first conv's
 backward-data pass).
 
-Each number is the median over interleaved rounds of ``median_seconds`` (the machine's
-other load shifts all variants of a round alike).  ``profile`` breaks one step of FP32 and
-q2ext down by operator family (self CPU time) to show where the extra time goes.
+Time: the median over interleaved rounds of ``median_seconds`` (the machine's other load
+shifts all variants of a round alike); ratios are taken within a round, compiled variants
+against the compiled FP32 step.  Memory: ``common.peak_memory_bytes`` (torch.profiler's
+record of every allocation) of one step, gradients freed before it starts: activations,
+gradients and temporaries, not the parameters and optimizer state the step starts with.
+``profile`` breaks one step of FP32 and q2ext down by operator family (self CPU time).
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import QConfig, prepare
-from .common import machine_info, median_seconds, print_table
+from .common import (import_cpp_extension_quietly, machine_info, median_seconds, peak_memory_bytes, print_table,
+                     quiet_profile)
 
 BITS = 4
 W_QN, W_QP = 2 ** (BITS - 1), 2 ** (BITS - 1) - 1
@@ -109,82 +115,154 @@ def swap_baseline(model: nn.Module, impl: str) -> nn.Module:
 
 # ---------------------------------------------------------------------------- models
 
+@dataclasses.dataclass
+class Case:
+    """A model of the benchmark: ``build()`` -> float model in train mode, ``batch()`` ->
+    its inputs, ``loss(model, batch)`` -> the scalar training loss; ``timed``: in the
+    step-time table too (else memory only); ``compiled``: also under torch.compile."""
+
+    build: object
+    batch: object
+    loss: object
+    timed: bool = True
+    compiled: bool = True
+
+
+def _classification_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _detection_loss(model, batch):
+    images, targets = batch
+    return sum(model(images, targets).values())
+
+
 def _resnet18():
     import torchvision
 
-    def batch():
-        g = torch.Generator().manual_seed(0)
-        return torch.randn(16, 3, 96, 96, generator=g), torch.randint(0, 1000, (16,), generator=g)
+    return torchvision.models.resnet18()
 
-    return torchvision.models.resnet18(), batch
+
+def _resnet18_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(16, 3, 96, 96, generator=g), torch.randint(0, 1000, (16,), generator=g)
 
 
 def _unet():
     import segmentation_models_pytorch as smp
 
-    def batch():
-        g = torch.Generator().manual_seed(0)
-        return torch.randn(8, 3, 128, 128, generator=g), torch.randint(0, 2, (8, 128, 128), generator=g)
-
-    return smp.Unet(encoder_name="resnet18", encoder_weights=None, classes=2), batch
+    return smp.Unet(encoder_name="resnet18", encoder_weights=None, classes=2)
 
 
-MODELS = {"ResNet-18 b16 3x96x96": _resnet18, "U-Net(smp, resnet18) b8 3x128x128": _unet}
+def _unet_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 3, 128, 128, generator=g), torch.randint(0, 2, (8, 128, 128), generator=g)
 
 
-def make_step(model: nn.Module, batch):
-    """A closure running one SGD training step (zero_grad, forward, loss, backward, step)."""
-    x, y = batch
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+def _fcos():
+    import torchvision
 
-    def step():
+    return torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3,
+                                                           min_size=128, max_size=128)
+
+
+def _fcos_batch():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 128, 128, generator=g) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 70.0, 90.0], [40.0, 8.0, 120.0, 60.0]]),
+                "labels": torch.tensor([1, 2])} for _ in images]
+    return images, targets
+
+
+MODELS = {
+    "ResNet-18 b16 3x96x96": Case(_resnet18, _resnet18_batch, _classification_loss),
+    "U-Net(smp, resnet18) b8 3x128x128": Case(_unet, _unet_batch, _classification_loss),
+    "FCOS(resnet50-FPN) 2x3x128x128": Case(_fcos, _fcos_batch, _detection_loss, timed=False, compiled=False),
+}
+QUICK_MODELS = ("ResNet-18 b16 3x96x96",)
+
+
+@dataclasses.dataclass
+class Step:
+    """One SGD training step of a model (``run()``), its optimizer and compile time."""
+
+    run: object
+    opt: torch.optim.Optimizer
+    compile_s: float | None = None
+
+
+def make_step(model: nn.Module, batch, loss_fn=_classification_loss) -> Step:
+    """A training step (zero_grad, forward, loss, backward, SGD step) of `model` on `batch`."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+    def run():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model, batch)
         loss.backward()
         opt.step()
         return loss
 
+    return Step(run, opt)
+
+
+def _compiled(model, batch, loss_fn) -> Step:
+    import_cpp_extension_quietly()
+    step = make_step(torch.compile(model), batch, loss_fn)
+    t0 = time.perf_counter()
+    step.run()
+    step.compile_s = time.perf_counter() - t0
     return step
 
 
-def build_variants(model_fn, compile_variants=True):
-    """{variant: (step closure, compile seconds or None)}; quantizers initialised eagerly."""
+def build_variants(case: Case, compile_variants: bool = True, extra: bool = True) -> dict:
+    """{variant: Step}; quantizers initialised eagerly (one step each).  ``extra`` adds the
+    rows beyond the six main ones (PyTorch's learnable op, q2ext learning the input step)."""
     torch.manual_seed(0)
-    base, batch_fn = model_fn()
-    batch = batch_fn()
-    base.train()
+    base = case.build().train()
+    batch = case.batch()
     qcfg = QConfig(w_bits=BITS, a_bits=BITS, first_layer_bits=None, last_layer_bits=None)
-    variants = {"FP32": (make_step(copy.deepcopy(base), batch), None)}
-    q2 = prepare(base, qcfg)
-    variants["q2ext"] = (make_step(q2, batch), None)
-    q2_learn = prepare(base, dataclasses.replace(qcfg, freeze_network_input=False))
-    variants["q2ext, network-input step learned"] = (make_step(q2_learn, batch), None)
-    variants["PyTorch learnable fake-quant"] = (make_step(swap_baseline(copy.deepcopy(base), "torch"), batch), None)
-    naive = swap_baseline(copy.deepcopy(base), "naive")
-    variants["naive LSQ"] = (make_step(naive, batch), None)
-    for _, (step, _) in variants.items():
-        step()  # initialise quantizers (eagerly) and warm the allocator
-    if compile_variants:
-        for label, src in (("naive LSQ, torch.compile", naive), ("q2ext, torch.compile", q2)):
-            step = make_step(torch.compile(copy.deepcopy(src)), batch)
-            t0 = time.perf_counter()
-            step()
-            variants[label] = (step, time.perf_counter() - t0)
+    models = {"FP32": copy.deepcopy(base), "q2ext": prepare(base, qcfg),
+              "naive LSQ": swap_baseline(copy.deepcopy(base), "naive")}
+    if extra:
+        models["PyTorch learnable fake-quant"] = swap_baseline(copy.deepcopy(base), "torch")
+        models["q2ext, network-input step learned"] = prepare(base, dataclasses.replace(qcfg,
+                                                                                        freeze_network_input=False))
+    variants = {k: make_step(m, batch, case.loss) for k, m in models.items()}
+    for step in variants.values():
+        step.run()  # initialise quantizers (eagerly) and warm the allocator
+    if compile_variants and case.compiled:
+        for k in ("FP32", "naive LSQ", "q2ext"):
+            variants[f"{k}, torch.compile"] = _compiled(copy.deepcopy(models[k]), batch, case.loss)
     return variants
 
 
-def time_variants(variants, rounds=5, min_run_time=0.6):
-    """Per variant: (median step seconds, median ratio to FP32) over interleaved rounds.
+def _reference(label: str) -> str:
+    return "FP32, torch.compile" if label.endswith("torch.compile") else "FP32"
+
+
+def time_variants(variants: dict, rounds: int = 5, min_run_time: float = 0.6) -> dict:
+    """Per variant: (median step seconds, median ratio to its FP32 reference) over
+    interleaved rounds; the reference of a compiled variant is the compiled FP32 step.
 
     Each round times every variant once with median_seconds; the ratio is taken within a
     round, so load that other processes put on the machine during a round cancels out.
     """
     samples = {k: [] for k in variants}
     for _ in range(rounds):
-        for k, (step, _) in variants.items():
-            samples[k].append(median_seconds(step, min_run_time))
-    fp32 = samples["FP32"]
-    return {k: (statistics.median(v), statistics.median(t / f for t, f in zip(v, fp32))) for k, v in samples.items()}
+        for k, step in variants.items():
+            samples[k].append(median_seconds(step.run, min_run_time))
+    out = {}
+    for k, v in samples.items():
+        ref = samples[_reference(k)]
+        out[k] = (statistics.median(v), statistics.median(t / f for t, f in zip(v, ref)))
+    return out
+
+
+def memory_variants(variants: dict) -> dict:
+    """Per variant: peak bytes of one step above its resting state (see the module docstring)."""
+    return {k: peak_memory_bytes(step.run, setup=lambda s=step: s.opt.zero_grad(set_to_none=True))
+            for k, step in variants.items()}
 
 
 # ---------------------------------------------------------------------------- profile
@@ -213,6 +291,8 @@ def _family(name: str) -> str:
         return "SGD step (foreach ops)"
     if name in _ALLOC_OPS:
         return "allocation / copy / zero"
+    if "CompiledFxGraph" in name:
+        return "Inductor-generated kernels"
     if name.startswith("aten::"):
         return "other aten ops"
     return "autograd engine + Python (non-aten events)"
@@ -220,12 +300,10 @@ def _family(name: str) -> str:
 
 def profile_breakdown(steps: dict, n_steps: int = 3):
     """{variant: {family: ms per step}} from torch.profiler self CPU times, plus wall ms."""
-    from torch.profiler import ProfilerActivity, profile
-
     out = {}
     for label, step in steps.items():
         step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with quiet_profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
             for _ in range(n_steps):
                 step()
@@ -247,34 +325,69 @@ def _loadavg() -> str:
         return "n/a"
 
 
-def run(quick: bool = False, compile_variants: bool = True, profile: bool = True, min_run_time: float | None = None,
-        models=None, threads: int | None = None):
-    """Run the benchmark; returns (results table, profile table or '', records)."""
+def _profile_rows(mname, variants):
+    pairs = [("FP32", "q2ext")]
+    if "q2ext, torch.compile" in variants:
+        pairs.append(("FP32, torch.compile", "q2ext, torch.compile"))
+    rows = []
+    for a_label, b_label in pairs:
+        br = profile_breakdown({k: variants[k].run for k in (a_label, b_label)})
+        fams = sorted({f for d in br.values() for f in d} - {"wall (profiled)"}, key=lambda f: -br[b_label].get(f, 0.0))
+        for f in fams + ["wall (profiled)"]:
+            a, b = br[a_label].get(f, 0.0), br[b_label].get(f, 0.0)
+            rows.append([mname, b_label, f, f"{a:.1f}", f"{b:.1f}", f"{b - a:+.1f}"])
+    return rows
+
+
+def run(quick: bool = False, compile_variants: bool = True, profile: bool = True, memory: bool = True,
+        min_run_time: float | None = None, models=None, threads: int | None = None):
+    """Run the benchmark; returns (time table, memory table, profile table, records).
+
+    ``quick``: ResNet-18 only, the six main variants eager, one round, short runs.
+    Records: ``dict(model, variant, ms, vs_fp32, compile_s)`` for times and
+    ``dict(model, variant, peak_mib, vs_fp32)`` for memory (``ms`` None)."""
     if threads:
         torch.set_num_threads(threads)
     mrt = min_run_time if min_run_time is not None else (0.3 if quick else 0.6)
     rounds = 1 if quick else 5
+    chosen = list(models or (QUICK_MODELS if quick else MODELS))
+    unknown = [m for m in chosen if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     print(machine_info(), f"| load average at start {_loadavg()}", flush=True)
-    rows, records, prof_rows = [], [], []
-    for mname in models or MODELS:
-        variants = build_variants(MODELS[mname], compile_variants and not quick)
-        times = time_variants(variants, rounds, mrt)
-        for label, (t, ratio) in times.items():
-            comp = variants[label][1]
-            rows.append([mname, label, f"{t * 1e3:.1f}", f"{ratio:.2f}x", f"{comp:.1f}" if comp is not None else "-"])
-            records.append(dict(model=mname, variant=label, ms=t * 1e3, vs_fp32=ratio, compile_s=comp))
-        if profile:
-            br = profile_breakdown({k: variants[k][0] for k in ("FP32", "q2ext")})
-            fams = sorted({f for d in br.values() for f in d} - {"wall (profiled)"},
-                          key=lambda f: -br["q2ext"].get(f, 0.0))
-            for f in fams + ["wall (profiled)"]:
-                a, b = br["FP32"].get(f, 0.0), br["q2ext"].get(f, 0.0)
-                prof_rows.append([mname, f, f"{a:.1f}", f"{b:.1f}", f"{b - a:+.1f}"])
+    rows, mem_rows, prof_rows, records = [], [], [], []
+    for mname in chosen:
+        case = MODELS[mname]
+        variants = build_variants(case, compile_variants and not quick, extra=not quick)
+        if case.timed:
+            times = time_variants(variants, rounds, mrt)
+            for label, (t, ratio) in times.items():
+                comp = variants[label].compile_s
+                rows.append([mname, label, f"{t * 1e3:.1f}", f"{ratio:.2f}x ({_reference(label)})",
+                             f"{comp:.1f}" if comp is not None else "-"])
+                print(f"  {mname} | {label}: {t * 1e3:.1f} ms, {ratio:.2f}x {_reference(label)}", flush=True)
+                records.append(dict(model=mname, variant=label, ms=t * 1e3, vs_fp32=ratio, compile_s=comp))
+        if memory:
+            peaks = memory_variants(variants)
+            for label, b in peaks.items():
+                ratio = b / peaks[_reference(label)]
+                mem_rows.append([mname, label, f"{b / 2**20:.1f}", f"{ratio:.2f}x ({_reference(label)})"])
+                print(f"  {mname} | {label}: step peak {b / 2**20:.1f} MiB, {ratio:.2f}x {_reference(label)}",
+                      flush=True)
+                records.append(dict(model=mname, variant=label, ms=None, peak_mib=b / 2**20, vs_fp32=ratio))
+        if profile and case.timed:
+            prof_rows += _profile_rows(mname, variants)
     print(f"load average at end {_loadavg()}", flush=True)
-    table = print_table(rows, ["model", "variant", "step ms (median)", "vs FP32 (median per round)", "compile s"])
-    prof_table = ""
-    if profile:
+    table = print_table(rows, ["model", "variant", "step ms (median)", "vs FP32 (median per round)",
+                               "compile s"]) if rows else ""
+    mem_table = ""
+    if mem_rows:
         print(flush=True)
-        prof_table = print_table(prof_rows, ["model", "op family (self CPU)", "FP32 ms/step", "q2ext ms/step",
-                                             "q2ext - FP32"])
-    return table, prof_table, records
+        mem_table = print_table(mem_rows, ["model", "variant", "step peak MiB (activations, grads, temporaries)",
+                                           "vs FP32"])
+    prof_table = ""
+    if prof_rows:
+        print(flush=True)
+        prof_table = print_table(prof_rows, ["model", "variant", "op family (self CPU)", "FP32 ms/step",
+                                             "variant ms/step", "variant - FP32"])
+    return table, mem_table, prof_table, records

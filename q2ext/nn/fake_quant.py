@@ -25,8 +25,10 @@ host synchronisation.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import weakref
 from typing import Callable, Iterable
 
 import torch
@@ -72,7 +74,8 @@ class Quantizer(nn.Module):
     """Shared machinery: enable switch, lazy data-driven init, calibration, freeze.
 
     Subclasses define ``_init_from_stats(absmean, mean, minimum, maximum)`` (float32 ``[C]``
-    each, set the learnable values) and ``_quantize(x)`` (the fake quantization).
+    each, set the learnable values) and ``_quant_fn(x)`` (the fake quantization, as a
+    function of x with the learnable tensors bound).
 
     Args:
         bits: int 2..8.
@@ -212,6 +215,23 @@ class Quantizer(nn.Module):
         self._ready = True
         self.reset_stats()
 
+    # ------------------------------------------------------------------ quantization
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        fn = self._quant_fn(x)
+        y = fn(x)
+        if isinstance(y, torch.Tensor) and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # How to compute y again from x (same op, same parameter tensors): a quantized
+            # layer then saves x, which the op's backward keeps anyway, instead of y for
+            # the float op's backward (see q2ext.nn.fake_quant_layers).  A weak reference,
+            # so that y never extends x's life.
+            y._q2ext_recompute = (weakref.ref(x), fn)
+        return y
+
+    def _quant_fn(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``fn`` with ``fn(x)`` the fake quantization of x; the learnable tensors it uses are
+        bound in it (subclasses)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ helpers
     def _lsq_grad_scale(self, x: torch.Tensor, q_p: int) -> float:
         if self.grad_scale is not None:
@@ -271,10 +291,10 @@ class LSQQuantizer(Quantizer):
         _, q_p = lsq_levels(self.bits, self._signed)
         self.scale.copy_(_positive(2 * absmean / math.sqrt(q_p)))
 
-    def _quantize(self, x):
+    def _quant_fn(self, x):
         _, q_p = lsq_levels(self.bits, self._signed)
-        return ops.lsq(x, self._fp32(self.scale), self.bits, signed=self._signed, axis=self.axis,
-                       grad_scale=self._lsq_grad_scale(x, q_p))
+        return functools.partial(ops.lsq, scale=self._fp32(self.scale), bits=self.bits, signed=self._signed,
+                                 axis=self.axis, grad_scale=self._lsq_grad_scale(x, q_p))
 
     def extra_repr(self):
         sign = "signed" if self._signed else "unsigned"
@@ -326,19 +346,18 @@ class LSQPlusQuantizer(Quantizer):
         self.offset.copy_(minimum)
         self.scale.copy_(_positive(torch.minimum(lsq_step, minmax_step)))
 
-    def _quantize(self, x):
+    def _quant_fn(self, x):
         _, q_p = lsq_levels(self.bits, False)
         g = self._lsq_grad_scale(x, q_p)
         scale = self._fp32(self.scale)
-        if self._offset_active:
-            return ops.lsq(x, scale, self.bits, signed=False, axis=self.axis, offset=self._fp32(self.offset),
-                           grad_scale=g)
-        if self.offset.requires_grad and torch.is_grad_enabled():
+        offset = self._fp32(self.offset) if self._offset_active else None
+        if not self._offset_active and self.offset.requires_grad and torch.is_grad_enabled():
             # The inactive offset still gets an (exactly zero) gradient so that DDP, built
             # before the data decided, sees every parameter used; the kernel keeps its
             # cheaper offset-free path.
             scale = torch.add(scale, self._fp32(self.offset), alpha=0.0)
-        return ops.lsq(x, scale, self.bits, signed=False, axis=self.axis, grad_scale=g)
+        return functools.partial(ops.lsq, scale=scale, bits=self.bits, signed=False, axis=self.axis,
+                                 offset=offset, grad_scale=g)
 
     def extra_repr(self):
         mode = "offset learned" if self._offset_active else "offset inactive (unsigned LSQ)"
@@ -368,8 +387,8 @@ class PACTQuantizer(Quantizer):
     def step_size(self):
         return self.alpha.detach().float() / (2 ** self.bits - 1)
 
-    def _quantize(self, x):
-        return ops.pact(x, self._fp32(self.alpha), self.bits, axis=self.axis)
+    def _quant_fn(self, x):
+        return functools.partial(ops.pact, alpha=self._fp32(self.alpha), bits=self.bits, axis=self.axis)
 
 
 # ---------------------------------------------------------------- whole-model control

@@ -11,6 +11,16 @@ refers to them keeps working, and a float checkpoint loads with ``strict=False``
 The forward is the float layer's op applied to ``input_quantizer(x)`` and
 ``weight_quantizer(weight)``: no extra copies (the q2ext kernels keep ``x``'s memory
 format, so channels_last stays channels_last), no host synchronisation.
+
+Memory: the float op saves its (quantized) input and weight for its backward, and the
+quantizers' backward saves their float inputs: two full-size copies per layer where a
+float layer keeps one.  In eager training a layer therefore lets the float op save the
+quantizer's float input in place of the quantized tensor (``saved_tensors_hooks``) and
+the backward recomputes the quantized tensor from it, one fake-quant forward, bit for bit
+the same values.  The training step's peak memory stays near the float model's.  Under
+``torch.compile`` the hooks are off and Inductor's partitioner decides what to save (it
+keeps the quantized tensors today).  Set ``layer.recompute_quantized = False`` to save the
+quantized tensors in eager too.
 """
 from __future__ import annotations
 
@@ -81,10 +91,72 @@ def _check_float_layer(mod: nn.Module, base: type, name: str) -> None:
                          "not a plain Parameter; remove it before prepare")
 
 
+class _Recompute:
+    """What a pack hook keeps instead of a fake-quantized tensor: the quantizer's input, the
+    op call that produced the tensor, and the geometry of the (view of the) tensor saved."""
+
+    __slots__ = ("source", "fn", "versions", "geometry")
+
+    def __init__(self, source, fn, saved):
+        self.source, self.fn = source, fn
+        bound = [source] + [v for v in getattr(fn, "keywords", {}).values() if isinstance(v, torch.Tensor)]
+        self.versions = [(t, t._version) for t in bound]
+        self.geometry = (saved.size(), saved.stride(), saved.storage_offset())
+
+    def materialize(self) -> torch.Tensor:
+        if any(t._version != v for t, v in self.versions):
+            raise RuntimeError("q2ext: a quantized layer's input or quantizer parameter was modified in place "
+                               "between the forward and the backward; the quantized tensor the backward needs "
+                               "cannot be recomputed (set layer.recompute_quantized = False to save it instead)")
+        with torch.no_grad():
+            y = self.fn(self.source)
+        size, stride, offset = self.geometry
+        if y.size() == size and y.stride() == stride and offset == 0:
+            return y
+        return y.as_strided(size, stride, offset)
+
+
+def _recompute_entries(tensors):
+    """(tensor, its quantizer input, the op call) for each tensor a q2ext quantizer produced
+    in this forward and whose input is still alive."""
+    entries = []
+    for t in tensors:
+        info = getattr(t, "_q2ext_recompute", None)
+        source = info[0]() if info is not None else None
+        if source is not None and t.numel() > 0:
+            entries.append((t.untyped_storage().data_ptr(), t.dtype, source, info[1]))
+    return entries
+
+
+def _float_op(layer, fn, xq, wq, *args):
+    """``fn(xq, wq, *args)``, with the quantized tensors that fn saves for its backward
+    replaced by their recipe (see the module docstring)."""
+    if not (layer.recompute_quantized and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return fn(xq, wq, *args)
+    entries = _recompute_entries((xq, wq))
+    if not entries:
+        return fn(xq, wq, *args)
+
+    def pack(t):
+        if t.dtype.is_floating_point:
+            ptr = t.untyped_storage().data_ptr()
+            for e_ptr, dtype, source, op in entries:
+                if ptr == e_ptr and t.dtype == dtype:
+                    return _Recompute(source, op, t)
+        return t
+
+    def unpack(packed):
+        return packed.materialize() if isinstance(packed, _Recompute) else packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return fn(xq, wq, *args)
+
+
 class _QuantMixin:
     """Shared by the quantized layers: construction from a float layer and quantizer access."""
 
     _float_type: type = nn.Module
+    recompute_quantized = True  # eager: recompute quantized tensors in the backward, do not save them
 
     def _set_quantizers(self, cfg: LayerQConfig | None, weight_quantizer, input_quantizer, device):
         cfg = cfg if cfg is not None else LayerQConfig()
@@ -162,7 +234,8 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return _float_op(self, self._conv_forward, self.input_quantizer(x), self.weight_quantizer(self.weight),
+                         self.bias)
 
 
 class QuantConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
@@ -217,8 +290,8 @@ class QuantConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
             raise ValueError(f"QuantConvTranspose2d: padding_mode must be 'zeros', got {self.padding_mode!r}")
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2,
                                               self.dilation)
-        return F.conv_transpose2d(self.input_quantizer(x), self.quantized_weight(), self.bias, self.stride,
-                                  self.padding, output_padding, self.groups, self.dilation)
+        return _float_op(self, F.conv_transpose2d, self.input_quantizer(x), self.quantized_weight(), self.bias,
+                         self.stride, self.padding, output_padding, self.groups, self.dilation)
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
@@ -249,7 +322,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
         return -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return _float_op(self, F.linear, self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
 
 QUANT_LAYERS = (QuantConv2d, QuantConvTranspose2d, QuantLinear)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -25,7 +26,10 @@ from ..nn.fake_quant_layers import FLOAT_TO_QUANT, QUANT_LAYERS
 from ..nn.gemm_layers import INT_LAYERS, describe_int_layer
 from ..qconfig import QConfig
 
-__all__ = ["prepare", "summary"]
+__all__ = ["prepare", "prepared_qconfig", "summary"]
+
+# The attribute of a prepared model's root that records its QConfig (for checkpoints).
+_QCONFIG_ATTR = "_q2ext_qconfig"
 
 
 def _float_base(m: nn.Module):
@@ -64,14 +68,21 @@ def _pattern_label(p):
     return repr(p) if isinstance(p, str) else f"{p.__module__}.{p.__qualname__}"
 
 
-def prepare(model: nn.Module, qconfig: QConfig | None = None, inplace: bool = False) -> nn.Module:
+def prepared_qconfig(model: nn.Module) -> QConfig | None:
+    """The QConfig :func:`prepare` applied to `model` (None for a model it did not prepare)."""
+    return getattr(model, _QCONFIG_ATTR, None)
+
+
+def prepare(model: nn.Module, qconfig: QConfig | Mapping | None = None, inplace: bool = False) -> nn.Module:
     """Swap every supported layer of `model` for its q2ext QAT layer.
 
     Args:
         model: any ``nn.Module`` (float32/float16/bfloat16 parameters).
-        qconfig: :class:`q2ext.QConfig` (default: W4A4 LSQ, first/last layer 8 bits).
+        qconfig: :class:`q2ext.QConfig` (default: W4A4 LSQ, first/last layer 8 bits), or
+            the plain dict of ``QConfig.to_dict()`` (e.g. read back from a checkpoint).
         inplace: modify `model` itself; otherwise a deep copy is prepared.
-    Returns: the prepared model (the quantized layer itself when `model` is a bare layer).
+    Returns: the prepared model (the quantized layer itself when `model` is a bare layer),
+    which records `qconfig` (:func:`prepared_qconfig`, used by ``q2ext.save_checkpoint``).
     Quantizers initialise from the first training batch (or :func:`q2ext.calibrate`).
     Raises ValueError for an already prepared model and for skip/override patterns that
     match no quantizable layer; TypeError/ValueError naming the layer for layers that
@@ -81,6 +92,8 @@ def prepare(model: nn.Module, qconfig: QConfig | None = None, inplace: bool = Fa
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare: model must be an nn.Module, got {type(model).__name__}")
     qconfig = QConfig() if qconfig is None else qconfig
+    if isinstance(qconfig, Mapping):
+        qconfig = QConfig.from_dict(qconfig)
     if not isinstance(qconfig, QConfig):
         raise TypeError(f"prepare: qconfig must be a q2ext.QConfig, got {type(qconfig).__name__}")
     for name, m in model.named_modules():
@@ -154,11 +167,13 @@ def prepare(model: nn.Module, qconfig: QConfig | None = None, inplace: bool = Fa
         model = copied
     swaps = {id(m): FLOAT_TO_QUANT[base].from_float(m, cfg, name=name) for name, m, base, cfg in plan}
     if id(model) in swaps:
-        return swaps[id(model)]
-    for parent in list(model.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and id(child) in swaps:
-                parent._modules[child_name] = swaps[id(child)]
+        model = swaps[id(model)]
+    else:
+        for parent in list(model.modules()):
+            for child_name, child in list(parent._modules.items()):
+                if child is not None and id(child) in swaps:
+                    parent._modules[child_name] = swaps[id(child)]
+    object.__setattr__(model, _QCONFIG_ATTR, qconfig)  # a plain attribute, not in the state dict
     return model
 
 
