@@ -198,6 +198,11 @@ def _fake_quant_backward_decomposition(grad, x, scale, zero_point, offset, quant
     if mode == MODE_PACT:
         inside = (xf >= 0) & (xf < clip)
         clipped = xf >= clip
+    elif mode == MODE_LSQ:  # the mask on the unrounded v (see the reference)
+        v = (xf - off) * inv
+        below, above = v <= quant_min, v >= quant_max
+        inside = (v > quant_min) & (v < quant_max)
+        clipped = below | above
     else:
         q = torch.round((xf - off) * inv) + zp
         below, above = q < quant_min, q > quant_max
@@ -217,6 +222,10 @@ def _fake_quant_backward_decomposition(grad, x, scale, zero_point, offset, quant
         dscale = scale.new_empty((0,))
     elif mode == MODE_PACT:
         dscale = (g * dclip).reshape(scale.shape)
+    elif mode == MODE_LSQ:
+        edge = torch.where(below, float(quant_min), float(quant_max))
+        el = torch.where(inside, dy * (torch.round(v) - v), torch.where(clipped, dy * edge, 0.0))
+        dscale = (g * total(el)).reshape(scale.shape)
     else:
         inside_term = (dy * ((q - zp) * s - (xf - off))) * inv
         edge = torch.where(below, quant_min - zp, quant_max - zp)
