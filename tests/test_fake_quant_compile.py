@@ -86,6 +86,10 @@ def test_compiled_prepared_block_has_no_opaque_fake_quant_and_matches_eager():
     x, y = torch.randn(4, 3, 12, 12), torch.tensor([0, 1, 2, 3])
     F.cross_entropy(model(x), y).backward()  # initialise the quantizers eagerly
     model.zero_grad(set_to_none=True)
+    # A fresh batch for the compared step: on the calibration batch, LSQ+'s offset equals
+    # the batch minimum, so an element sits exactly on the clip edge, where one ulp of fp32
+    # reassociation (Inductor's pooling) decides whether its gradient passes.
+    x = torch.randn(4, 3, 12, 12)
     eager, compiled = copy.deepcopy(model), copy.deepcopy(model)
     fn = torch.compile(compiled, fullgraph=True)
 
