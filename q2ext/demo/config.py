@@ -1,0 +1,82 @@
+"""What a ``q2ext demo`` run depends on: the task registry and :class:`DemoConfig`.
+
+Tasks are registered by import path, so a task's module (and its dependencies) loads only
+when it runs.  Adding a task is one line in :data:`TASKS`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# --task choices the CLI knows; a choice missing from TASKS is announced but not yet built.
+TASK_CHOICES = ("seg", "det")
+TASKS = {
+    "seg": "q2ext.demo.seg.task:SegTask",
+}
+
+
+def get_task(name: str):
+    """A new instance of the task registered as `name` (ValueError naming ``--task`` else)."""
+    if name not in TASKS:
+        if name in TASK_CHOICES:
+            raise ValueError(f"--task {name} is not available in this build yet (no task registered as {name!r} "
+                             f"in q2ext.demo.config.TASKS; available: {', '.join(sorted(TASKS))})")
+        raise ValueError(f"--task must be one of {', '.join(TASK_CHOICES)}, got {name!r}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """One demo run.  The schedule (optimizer, learning rates, epochs, batch size, early
+    stopping) is the task's :class:`~q2ext.demo.task.Recipe`; ``recipe`` replaces fields of it.
+
+    Q-GBFusion: ``gbf_eta``/``gbf_beta`` (Eq. 8-10), ``ln_eps`` (the nodes' LayerNorm
+    epsilon, part of the FP32-LN model).  Q-ADA (arm C): ``ada_weight``, ``ada_divergence``
+    ("js"/"kl"), ``ada_normalize`` ("sigmoid", the paper's, or "softmax"), ``ada_temperature``
+    (softmax only), ``ada_taps`` ("nodes": the fusion nodes' outputs, or module names).
+    """
+
+    task: str = "seg"
+    seeds: tuple = (0, 1, 2)
+    bits: int = 4
+    quantizer: str = "auto"
+    device: str = "cpu"
+    data_seed: int = 1234
+    quick: bool = False
+    full: bool = False
+    recipe: dict = field(default_factory=dict)
+    ln_eps: float = 1e-5
+    gbf_beta: float = 0.1
+    gbf_eta: float = 0.05
+    ada_weight: float = 0.01
+    ada_divergence: str = "kl"
+    ada_normalize: str = "sigmoid"
+    ada_temperature: float = 1.0
+    ada_taps: object = "nodes"
+    calib_batches: int = 4
+    probe_batches: int = 8
+    deploy: bool = True
+    deploy_epochs: int = 1
+    save_models: bool = True
+    arms: tuple | None = None  # None: E, A, B, C, G (+ D, F, H with `full`); exploration runs pick a subset
+
+    def replace(self, **changes) -> "DemoConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def quick_config(**changes) -> DemoConfig:
+    """The smoke-test size (``--quick``): one seed, the task's quick sizes, no saved models
+    other than what the tests read."""
+    return DemoConfig(seeds=(0,), quick=True, calib_batches=1, probe_batches=1).replace(**changes)
+
+
+def cache_dir() -> Path:
+    """$Q2EXT_CACHE_DIR, else $XDG_CACHE_HOME/q2ext, else ~/.cache/q2ext."""
+    if os.environ.get("Q2EXT_CACHE_DIR"):
+        return Path(os.environ["Q2EXT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "q2ext"
