@@ -48,7 +48,7 @@ def _finite(x):
 def test_quick_demo_results_keys(quick_run):
     out, cache, proc = quick_run
     res = json.loads((out / "results.json").read_text())
-    assert res["config"]["task"] == "seg" and res["config"]["bits"] == 4 and res["config"]["data_seed"] == 1234
+    assert res["config"]["task"] == "seg" and res["config"]["bits"] == 3 and res["config"]["data_seed"] == 1234
     assert _finite(res["wall_seconds"]) and res["wall_seconds"] > 0
     for arm in ARMS:
         row = res["summary"][arm]
@@ -66,8 +66,8 @@ def test_quick_demo_results_keys(quick_run):
     assert all(g > 0 for node in run["energy"][0] for g in node)
     # one activation-quantizer policy: the conv after each LN node reads a full-range LSQ+ grid
     grids = res["seeds"]["0"]["grids"]
-    assert all(g.startswith("LSQ+ 16 levels") for arm in ("A", "B", "C") for g in grids[arm].values())
-    assert all(g == "unsigned LSQ 16 levels" for g in grids["G"].values())
+    assert all(g.startswith("LSQ+ 8 levels") for arm in ("A", "B", "C") for g in grids[arm].values())
+    assert all(g == "unsigned LSQ 8 levels" for g in grids["G"].values())
     for name in ("val_curves.png", "gradient_energy.png", "alpha.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert "| paired delta (test) |" in proc.stdout and "wall time" in proc.stdout
@@ -203,8 +203,7 @@ def test_cli_task_not_built_yet(tmp_path, capsys):
 def test_cli_unwritable_out_fails_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    proc = _cli("demo", "--quick", "--out", str(blocker / "sub"), env={"Q2EXT_CACHE_DIR": str(tmp_path / "c")},
-                timeout=60)
+    proc = _cli("demo", "--quick", "--out", str(blocker / "sub"), env={"Q2EXT_CACHE_DIR": str(tmp_path / "c")})
     assert proc.returncode == 2 and "--out" in proc.stderr
     assert not (tmp_path / "c").exists()  # nothing was trained
 

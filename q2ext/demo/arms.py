@@ -60,9 +60,12 @@ def _signed_input_layers(model: nn.Module, batch) -> list:
     return sorted(found)
 
 
-def qconfig(task, float_model: nn.Module, bits: int, quantizer: str, batch) -> q2ext.QConfig:
-    """The task's W<bits>A<bits> QConfig, with LSQ+ on signed inputs when `quantizer` is PACT."""
-    base = task.qconfig(bits, quantizer)
+def qconfig(task, float_model: nn.Module, bits: int, quantizer: str, batch, w_per_channel: bool = True,
+            edge_bits: int | None = 8):
+    """The task's W<bits>A<bits> QConfig (weight steps per output channel or one per layer;
+    first and last layer at `edge_bits`), with LSQ+ on signed inputs when `quantizer` is PACT."""
+    base = dataclasses.replace(task.qconfig(bits, quantizer), w_per_channel=w_per_channel,
+                               first_layer_bits=edge_bits, last_layer_bits=edge_bits)
     if quantizer != "pact":
         return base
     overrides = {name: {"a_quantizer": "lsq+"} for name in _signed_input_layers(float_model, batch)}

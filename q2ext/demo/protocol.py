@@ -26,8 +26,7 @@ from .summary import summarize
 from .train import fit, probe_energy
 
 CACHE_VERSION = 2  # bump when the FP32 training changes meaning
-_RECIPE_FP = ("optimizer", "fp_lr", "momentum", "weight_decay", "batch_size", "fp_epochs", "patience",
-              "evals_per_epoch")
+_RECIPE_FP = ("optimizer", "fp_lr", "momentum", "weight_decay", "batch_size", "fp_epochs")
 
 
 def recipe_of(task, cfg: DemoConfig):
@@ -40,6 +39,8 @@ def arm_list(cfg: DemoConfig) -> tuple:
         unknown = [a for a in cfg.arms if a not in arms_mod.ARMS]
         if unknown:
             raise ValueError(f"DemoConfig.arms: unknown arm(s) {unknown}; known: {list(arms_mod.ARMS)}")
+        if "D" in cfg.arms and ("B" not in cfg.arms or cfg.arms.index("B") > cfg.arms.index("D")):
+            raise ValueError("DemoConfig.arms: arm D replays B's final alpha, so B must run before it")
         return tuple(cfg.arms)
     return arms_mod.FULL_ARMS if cfg.full else arms_mod.BASE_ARMS
 
@@ -84,9 +85,10 @@ def pretrain(task, cfg, recipe, splits, seed: int, gbfusion: bool, progress=True
         except Exception as exc:  # a stale or truncated file: train again and overwrite it
             warnings.warn(f"q2ext demo: ignoring unreadable cache {path}: {exc}")
     # Pretraining from scratch runs its whole budget (an early plateau is not convergence);
-    # the best validation point is kept.
-    hist = fit(model, task, splits, recipe, lr=recipe.fp_lr, epochs=recipe.fp_epochs, seed=seed,
-               desc=f"seed {seed} {name}", progress=progress, early_stopping=False)
+    # the best validation point (one per epoch) is kept.
+    hist = fit(model, task, splits, dataclasses.replace(recipe, evals_per_epoch=1), lr=recipe.fp_lr,
+               epochs=recipe.fp_epochs, seed=seed,
+               desc=f"seed {seed} {name}", progress=progress, early_stopping=False, qat=False)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -122,13 +124,17 @@ def run_seed(task, cfg: DemoConfig, recipe, splits, seed: int, out_dir: Path, pr
     calib = [xt[i * bs:(i + 1) * bs] for i in range(cfg.calib_batches)]
     probe = dict(images=xt, targets=yt, batch_size=bs, batches=cfg.probe_batches)
     start = {"FP32-LN": probe_energy(fp_ln, task, **probe)}
+
+    def qconfig(float_model):
+        return arms_mod.qconfig(task, float_model, cfg.bits, cfg.quantizer, calib[0], cfg.w_per_channel,
+                                cfg.edge_bits)
+
     ctx = {"task": task, "cfg": cfg, "fp_ln": fp_ln, "fp_plain": fp_plain, "calib": calib,
-           "qconfig_ln": arms_mod.qconfig(task, fp_ln, cfg.bits, cfg.quantizer, calib[0]),
-           "tau_fp": _log_offsets(start["FP32-LN"])}
+           "qconfig_ln": qconfig(fp_ln), "tau_fp": _log_offsets(start["FP32-LN"])}
     runs = {"FP32-LN": dict(ln_hist, test=task.evaluate(fp_ln, *splits["test"]))}
     if fp_plain is not None:
         start["FP32"] = probe_energy(fp_plain, task, **probe)
-        ctx["qconfig_plain"] = arms_mod.qconfig(task, fp_plain, cfg.bits, cfg.quantizer, calib[0])
+        ctx["qconfig_plain"] = qconfig(fp_plain)
         runs["FP32"] = dict(plain_hist, test=task.evaluate(fp_plain, *splits["test"]))
     grids = {}
     for arm in arms:

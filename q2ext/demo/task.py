@@ -22,6 +22,7 @@ class Recipe:
     """The training recipe of a task (the paper's: SGD for detection, Adam for segmentation)."""
 
     optimizer: str = "adam"          # "adam" or "sgd"
+    qat_optimizer: str = ""          # the QAT phase's, when it differs ("": the same as optimizer)
     fp_lr: float = 1e-2
     qat_lr: float = 1e-3
     momentum: float = 0.9            # SGD only

@@ -124,17 +124,17 @@ def reestimate_bn(model: nn.Module, batches) -> None:
         m.momentum = momentum
 
 
-def make_optimizer(model: nn.Module, recipe, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, recipe, lr: float, name: str) -> torch.optim.Optimizer:
     """Adam or SGD (momentum) over the trainable parameters; weight decay on weight tensors
     only (ndim > 1), not on biases, norms or quantizer steps/offsets."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    if recipe.optimizer == "adam":
+    if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
-    if recipe.optimizer == "sgd":
+    if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum)
-    raise ValueError(f"Recipe.optimizer must be 'adam' or 'sgd', got {recipe.optimizer!r}")
+    raise ValueError(f"Recipe optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
 def _alphas(task, model) -> list:
@@ -142,12 +142,13 @@ def _alphas(task, model) -> list:
 
 
 def fit(model, task, splits, recipe, *, lr: float, epochs: int, seed: int, distiller=None, desc: str = "",
-        progress: bool = True, early_stopping: bool = True) -> dict:
+        progress: bool = True, early_stopping: bool = True, qat: bool = True) -> dict:
     """Train `model` on splits["train"] with `recipe` (cosine schedule from `lr` over `epochs`),
     score splits["val"] every 1/evals_per_epoch epoch, stop early after ``recipe.patience``
     points without improvement (with `early_stopping`), and restore the best point's state.
 
-    distiller: a :class:`q2ext.Q2Distiller` whose term is added to the task loss.
+    distiller: a :class:`q2ext.Q2Distiller` whose term is added to the task loss.  qat: the
+    QAT phase (its optimizer is ``recipe.qat_optimizer`` when set), else pretraining.
     Returns the history: "steps" and "val" per validation point (point 0 before training),
     "energy" per point ([[G_i] per node], mean over the steps since the previous point),
     "alpha" per point (GBFusion nodes), "aux" (mean distillation term per point), and best,
@@ -161,7 +162,7 @@ def fit(model, task, splits, recipe, *, lr: float, epochs: int, seed: int, disti
     steps_per_epoch = max(1, len(xt) // recipe.batch_size)
     eval_every = max(1, steps_per_epoch // recipe.evals_per_epoch)
     total = epochs * steps_per_epoch
-    opt = make_optimizer(model, recipe, lr)
+    opt = make_optimizer(model, recipe, lr, (recipe.qat_optimizer or recipe.optimizer) if qat else recipe.optimizer)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
     gen = data_generator(seed)
     probe = EnergyProbe(model, task, device)

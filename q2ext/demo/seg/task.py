@@ -19,12 +19,12 @@ class SegSpec:
 
     data: UltrasoundConfig = field(default_factory=UltrasoundConfig)
     n_train: int = 2048
-    n_val: int = 384
+    n_val: int = 256
     n_test: int = 1024
     widths: tuple = (8, 12, 16, 24, 32)
     convs: int = 2
     recipe: Recipe = field(default_factory=lambda: Recipe(
-        optimizer="adam", fp_lr=3e-3, qat_lr=5e-4, batch_size=32, fp_epochs=12, qat_epochs=6, patience=4,
+        optimizer="adam", fp_lr=3e-3, qat_lr=1e-3, batch_size=32, fp_epochs=10, qat_epochs=5, patience=4,
         evals_per_epoch=2))
 
 
