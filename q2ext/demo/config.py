@@ -48,6 +48,10 @@ class DemoConfig:
     edge_bits: int | None = 8  # bits of the first and last quantized layer (None: `bits` like the others)
     device: str = "cpu"
     data_seed: int = 1234
+    # The FP32 checkpoints are trained once, from this seed, and every seed's arms start from
+    # them (as QAT starts from one pretrained model in the paper); a seed then sets the QAT
+    # runs' batch order.  None: one pair of checkpoints per seed (3x the pretraining).
+    fp_seed: int | None = 0
     quick: bool = False
     full: bool = False
     recipe: dict = field(default_factory=dict)

@@ -64,8 +64,10 @@ def _pretrain_key(task, cfg, recipe, splits, seed, gbfusion, model) -> str:
     return f"{task.name}_{'fp32ln' if gbfusion else 'fp32'}_seed{seed}_{h.hexdigest()[:16]}"
 
 
-def pretrain(task, cfg, recipe, splits, seed: int, gbfusion: bool, progress=True, log=print):
-    """(FP32 model, its history): from the cache when a checkpoint of this exact setting exists."""
+def pretrain(task, cfg, recipe, splits, seed: int, gbfusion: bool, progress=True, log=print, memo=None):
+    """(FP32 model, its history): from `memo` (a dict kept for one run, so seeds that share
+    the FP seed use one model), else from the cache when a checkpoint of this exact setting
+    exists, else trained and cached.  The model must not be modified (arms copy it)."""
     device = splits["train"][0].device
     model = task.build_model(seed, gbfusion, cfg.quick)
     if gbfusion:
@@ -75,6 +77,14 @@ def pretrain(task, cfg, recipe, splits, seed: int, gbfusion: bool, progress=True
     model = model.to(device)
     name = "FP32-LN" if gbfusion else "FP32"
     path = cache_dir() / "demo" / f"{_pretrain_key(task, cfg, recipe, splits, seed, gbfusion, model)}.pt"
+    memo = {} if memo is None else memo
+    if path not in memo:
+        memo[path] = _load_or_train(task, cfg, recipe, splits, seed, gbfusion, model, path, name, progress, log)
+    return memo[path]
+
+
+def _load_or_train(task, cfg, recipe, splits, seed, gbfusion, model, path, name, progress, log):
+    device = splits["train"][0].device
     if path.exists():
         try:
             # weights_only: the cache holds a state_dict and a history of numbers only
@@ -111,13 +121,15 @@ def _log_offsets(energies) -> list:
     return out
 
 
-def run_seed(task, cfg: DemoConfig, recipe, splits, seed: int, out_dir: Path, progress=True, log=print):
+def run_seed(task, cfg: DemoConfig, recipe, splits, seed: int, out_dir: Path, progress=True, log=print,
+             memo=None):
     """Every arm of one seed.  Returns (runs, FP32-LN model): runs holds "FP32-LN", "FP32" and
     each arm (history + test scores), "start" (the energy probes), "grids", "tau_fp",
     "node_names"."""
-    fp_ln, ln_hist = pretrain(task, cfg, recipe, splits, seed, True, progress, log)
+    fp_seed = seed if cfg.fp_seed is None else cfg.fp_seed
+    fp_ln, ln_hist = pretrain(task, cfg, recipe, splits, fp_seed, True, progress, log, memo)
     arms = arm_list(cfg)
-    fp_plain, plain_hist = (pretrain(task, cfg, recipe, splits, seed, False, progress, log) if "G" in arms
+    fp_plain, plain_hist = (pretrain(task, cfg, recipe, splits, fp_seed, False, progress, log, memo) if "G" in arms
                             else (None, None))
     xt, yt = splits["train"]
     bs = recipe.batch_size
@@ -183,9 +195,9 @@ def run(cfg: DemoConfig, out_dir, progress=True, log=print, task=None) -> dict:
     start = time.perf_counter()
     splits = task.make_splits(cfg.data_seed, cfg.quick)
     splits = {k: (x.to(device), y.to(device) if isinstance(y, torch.Tensor) else y) for k, (x, y) in splits.items()}
-    per_seed, first_fp_ln = {}, None
+    per_seed, first_fp_ln, memo = {}, None, {}
     for seed in cfg.seeds:
-        per_seed[str(seed)], fp_ln = run_seed(task, cfg, recipe, splits, seed, out_dir, progress, log)
+        per_seed[str(seed)], fp_ln = run_seed(task, cfg, recipe, splits, seed, out_dir, progress, log, memo)
         first_fp_ln = fp_ln if first_fp_ln is None else first_fp_ln
     deploy = None
     if cfg.deploy:

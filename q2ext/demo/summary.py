@@ -67,7 +67,7 @@ def summarize(task, per_seed: dict, arms) -> dict:
         row = {"score_mean": mean, "score_std": std, "score_per_seed": scores,
                "val_best_per_seed": [runs[s]["best"] for s in seeds],
                "steps_run": [runs[s]["steps_run"] for s in seeds],
-               "seconds": sum(runs[s]["seconds"] for s in seeds)}
+               "seconds_per_seed": [runs[s]["seconds"] for s in seeds]}
         if arm not in CHECKPOINTS and conv[seeds[0]] is not None:
             row["steps_to_target"] = [conv[s][arm]["steps_to_target"] for s in seeds]
             ref = [conv[s]["A"]["steps_to_target"] for s in seeds]
