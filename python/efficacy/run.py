@@ -35,12 +35,18 @@ def _pairs(items):
     return out
 
 
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
 def record(results: dict) -> dict:
     """The compact numbers of a run: per arm test and val-best per seed, paired deltas, premise."""
     summ = results["summary"]
     rec = {"arms": {a: {"test": r["score_per_seed"], "val": r["val_best_per_seed"], "steps": r["steps_run"],
                         "to_target": r.get("steps_to_target"), "area": r.get("area"),
-                        "alpha": r.get("final_alpha_per_seed")} for a, r in summ.items()},
+                        "alpha": r.get("final_alpha_per_seed"),
+                        "aux": [_mean(results["seeds"][s][a].get("aux") or [0.0]) for s in results["seeds"]]}
+                    for a, r in summ.items()},
            "paired": {k: {"mean": v["mean"], "per_seed": v["per_seed"]} for k, v in results["paired"].items()},
            "premise": {a: {"ratio": p["balance_ratio"], "deep_over_shallow": p["deep_over_shallow"],
                            "per_node": [(n["balance_ratio"], n["deep_over_shallow"]) for n in p["per_node"]]}
