@@ -1,19 +1,24 @@
-"""The demo's deployment check (issue #6): does a QAT model of the demo task survive
-``q2ext.convert`` into real int8 inference?
+"""The demo's deployment check: does a QAT model of the demo task survive ``q2ext.convert``
+into int8 inference, and what does the paper's fold of the fusion LayerNorm cost?
 
-From the first seed's FP32 model: W8A8 LSQ QAT with Q-GBFusion at the decoder fusion
-nodes (the same build as the ``qat+gbf`` variant, at 8 bits), fine-tuned for
-``cfg.deploy_epochs``; then, on the validation set:
+Interface: :func:`run_deploy` (task, config, recipe, the FP32-LN checkpoint of one seed, the
+splits) returns a dict of numbers; :func:`table` renders it.  From that seed's FP32-LN
+checkpoint: arm B's build (LSQ + Q-GBFusion, controller on) at W8A8 with the arms'
+activation-quantizer policy (``cfg.quantizer``), fine-tuned for ``cfg.deploy_epochs`` epochs
+on the task's QAT schedule.  Then, on the test split, one row per model:
 
-* ``mdice_qat``: the trained fake-quant model (live per-pixel LayerNorm in the nodes);
-* ``mdice_int8_keep``: ``q2ext.convert(model, gbfusion="keep")`` - int8 convs, BN folded,
-  the fusion nodes still normalising every pixel; ``agreement_keep``: share of validation
-  pixels whose argmax class it shares with the trained fake-quant model;
-* ``mdice_fake_quant``: the fake-quant model with its fusion nodes frozen to calibrated
-  constants (``q2ext.calibrate_gbfusion``, the paper's Eq. 11 fold);
-* ``mdice_int8``: ``q2ext.convert(model, calib)`` (the default, folded);
-  ``agreement``: its argmax agreement with that frozen fake-quant model, and
-  ``agreement_vs_qat`` with the trained one.
+* the trained fake-quant model (live per-pixel LayerNorm in the nodes), and
+  ``q2ext.convert(model)`` (the default, ``gbfusion="keep"``: the nodes still normalise);
+* for each fold mode (App. 7.1: "scalar", Eq. 11, and "per_channel"), with and without
+  the short fine-tune after removing LN (``q2ext.FinetuneSpec``: task loss, Adam at the
+  paper's lr 2e-5, ``cfg.deploy_finetune_steps`` steps cycling over
+  ``cfg.deploy_finetune_batches`` training batches): the folded fake-quant model and its
+  int8 conversion.
+
+Every row gives the task score, its change against the trained fake-quant model, and the
+argmax agreement of its class logits (``task.class_logits``; per pixel for segmentation,
+per cell and level for detection) with the trained model and, for int8 rows, with the
+fake-quant model it implements.
 """
 from __future__ import annotations
 
@@ -23,70 +28,103 @@ import time
 
 import torch
 
-import q2ext
+from ..nn.gemm_layers import Int8Conv2d, Int8Linear
+from ..passes.convert import convert
+from ..passes.gb_fusion_fold import FOLD_MODES, FinetuneSpec, fold_gbfusion
+from . import arms as arms_mod
+from .train import fit
 
-from .train import build_variant, fit, mdice
-
-VARIANT = "qat+gbf"
+ARM = "B"
+FINETUNE_LR = 2e-5  # App. 7.1
 
 
 @torch.no_grad()
-def _argmax_agreement(a, b, images, batch_size=128) -> float:
-    same = total = 0
+def _class_argmax(task, model, images, batch_size=128) -> torch.Tensor:
+    model.eval()
+    preds = []
     for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size]
-        pa, pb = a(x).argmax(1), b(x).argmax(1)
-        same += int((pa == pb).sum())
-        total += pa.numel()
-    return 100.0 * same / max(total, 1)
+        preds += [t.argmax(1).flatten() for t in task.class_logits(model(images[i:i + batch_size]))]
+    return torch.cat(preds)
 
 
-def run_deploy(cfg, fp32, data, seed: int, progress=True, log=print) -> dict:
-    """Train the W8A8 model of `seed`, convert it, and return the numbers above."""
-    cfg8 = dataclasses.replace(cfg, bits=8)
-    xt, _, xv, yv = data
-    example = xt[:2]
-    calib = [xt[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(cfg.calib_batches)]
-    torch.manual_seed(seed)
-    model = build_variant(VARIANT, fp32, cfg8, example, calib)
-    hist = fit(model, data, cfg8, epochs=cfg.deploy_epochs, lr=cfg.qat_lr, patience=cfg.patience, seed=seed,
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 100.0 * float((a == b).float().mean())
+
+
+def _finetune_spec(task, cfg, recipe, splits) -> FinetuneSpec:
+    xt, yt = splits["train"]
+    bs, n = recipe.batch_size, min(cfg.deploy_finetune_batches, max(1, len(xt) // recipe.batch_size))
+    batches = []
+    for i in range(n):
+        index = torch.arange(i * bs, min((i + 1) * bs, len(xt)))
+        batches.append((xt[index.to(xt.device)], task.select(yt, index)))
+    return FinetuneSpec(lambda m, b: task.loss(m, b[0], b[1]), batches, steps=cfg.deploy_finetune_steps,
+                        lr=FINETUNE_LR)
+
+
+def run_deploy(task, cfg, recipe, fp_ln, splits, seed: int, progress=True, log=print) -> dict:
+    """Train the W8A8 model of `seed`, fold and convert it every way, return the rows above."""
+    xt, _ = splits["train"]
+    xs, ys = splits["test"]
+    bs = recipe.batch_size
+    calib = [xt[i * bs:(i + 1) * bs] for i in range(cfg.calib_batches)]
+    ctx = {"task": task, "cfg": cfg, "fp_ln": fp_ln, "fp_plain": None, "calib": calib,
+           "qconfig_ln": arms_mod.qconfig(task, fp_ln, 8, cfg.quantizer, calib[0])}
+    model, _ = arms_mod.build_arm(ARM, ctx)
+    short = dataclasses.replace(recipe, evals_per_epoch=1)
+    hist = fit(model, task, splits, short, lr=recipe.qat_lr, epochs=cfg.deploy_epochs, seed=seed,
                desc=f"seed {seed} W8A8 for deployment", progress=progress)
     model.eval()
-    frozen = copy.deepcopy(model)
-    q2ext.calibrate_gbfusion(frozen, calib)  # the constants convert() calibrates, on the same batches
+    trained = _class_argmax(task, model, xs)
+    base = task.evaluate(model, xs, ys)["score"]
+    rows = []
+
+    def add(name, m, twin_pred=None, seconds=None):
+        pred = _class_argmax(task, m, xs)
+        score = task.evaluate(m, xs, ys)["score"]
+        rows.append({"name": name, "score": score, "delta": score - base, "agreement_vs_trained":
+                     _agreement(pred, trained), "agreement_vs_fake_quant": None if twin_pred is None
+                     else _agreement(pred, twin_pred), "seconds": seconds})
+        return pred
+
+    add("fake quant, as trained", model)
     start = time.perf_counter()
-    int8 = q2ext.convert(frozen, gbfusion="fold")  # reuses the constants just calibrated: the same fold as convert(model, calib)
-    convert_s = time.perf_counter() - start
-    keep = q2ext.convert(model, gbfusion="keep")
-    out = {
-        "seed": seed, "bits": 8, "variant": VARIANT, "epochs_run": hist["epochs_run"],
-        "mdice_qat": mdice(model, xv, yv),
-        "mdice_int8_keep": mdice(keep, xv, yv),
-        "agreement_keep": _argmax_agreement(keep, model, xv),
-        "mdice_fake_quant": mdice(frozen, xv, yv),
-        "mdice_int8": mdice(int8, xv, yv),
-        "agreement": _argmax_agreement(int8, frozen, xv),
-        "agreement_vs_qat": _argmax_agreement(int8, model, xv),
-        "convert_seconds": convert_s,
-        "int8_layers": sum(isinstance(m, (q2ext.nn.Int8Conv2d, q2ext.nn.Int8Linear)) for m in int8.modules()),
-    }
-    log(f"deployment (W8A8, seed {seed}): mDICE QAT {out['mdice_qat']:.2f} -> int8 {out['mdice_int8_keep']:.2f} "
-        f"(fusion LayerNorm kept; argmax agreement {out['agreement_keep']:.2f} % of pixels), "
-        f"{out['mdice_int8']:.2f} (folded to constants, Eq. 11)")
+    keep = convert(model, gbfusion="keep")
+    add('int8, convert() (gbfusion="keep", the default)', keep, trained, time.perf_counter() - start)
+    spec = _finetune_spec(task, cfg, recipe, splits)
+    for mode in FOLD_MODES:
+        for ft in (None, spec):
+            label = f"fold {mode}" + (f" + fine-tune ({spec.steps} steps)" if ft else "")
+            folded = copy.deepcopy(model)
+            start = time.perf_counter()
+            fold_gbfusion(folded, calib, fold_shift="keep", mode=mode, finetune=ft)
+            secs = time.perf_counter() - start
+            folded.eval()
+            twin = add(f"{label}, fake quant", folded, seconds=secs)
+            add(f"{label}, int8", convert(folded, gbfusion="fold"), twin)
+    out = {"seed": seed, "bits": 8, "arm": ARM, "quantizer": cfg.quantizer, "epochs": cfg.deploy_epochs,
+           "steps_run": hist["steps_run"], "split": "test", "score_name": task.score_name,
+           "finetune": {"steps": spec.steps, "batches": len(spec.batches), "lr": spec.lr}, "rows": rows,
+           "int8_layers": sum(isinstance(m, (Int8Conv2d, Int8Linear)) for m in keep.modules())}
+    log(f"deployment (W8A8, seed {seed}): {task.score_name} fake quant {base:.2f} -> int8 "
+        f"{rows[1]['score']:.2f} (convert default), folds " + ", ".join(f"{r['score']:.2f}" for r in rows[2:]))
     return out
+
+
+def _pct(v):
+    return "" if v is None else f"{v:.2f} %"
 
 
 def table(dep: dict) -> str:
     """The deployment section of the demo report (markdown)."""
-    return "\n".join([
-        f"\nDeployment check (W8A8 LSQ + Q-GBFusion, seed {dep['seed']}, {dep['epochs_run']} epochs; "
-        f"q2ext.convert -> {dep['int8_layers']} int8 layers):",
-        "| model | validation mDICE | argmax agreement (pixels) |",
-        "|---|---|---|",
-        f"| fake quant, as trained | {dep['mdice_qat']:.2f} | |",
-        f"| int8, `convert(gbfusion=\"keep\")` (per-pixel LayerNorm kept) | {dep['mdice_int8_keep']:.2f} | "
-        f"{dep['agreement_keep']:.2f} % with the fake-quant model as trained |",
-        f"| fake quant, fusion folded to calibrated constants (Eq. 11) | {dep['mdice_fake_quant']:.2f} | |",
-        f"| int8, `convert(calib)` (folded, the default) | {dep['mdice_int8']:.2f} | {dep['agreement']:.2f} % with "
-        f"the folded fake-quant model, {dep['agreement_vs_qat']:.2f} % with the one as trained |",
-    ])
+    s, ft = dep["score_name"], dep["finetune"]
+    lines = [f"\nDeployment check (W8A8 {dep['quantizer']} + Q-GBFusion, seed {dep['seed']}, {dep['epochs']} "
+             f"epoch(s) from FP32-LN; q2ext.convert -> {dep['int8_layers']} int8 layers; {dep['split']} split; "
+             f"fine-tune: Adam lr {ft['lr']:g}, {ft['steps']} steps over {ft['batches']} training batches):",
+             f"| model | {s} | change | argmax agreement with the trained model | with its fake-quant model | "
+             "fold (+ fine-tune) s |", "|---|---|---|---|---|---|"]
+    for r in dep["rows"]:
+        secs = "" if r["seconds"] is None or r["name"].startswith("int8") else f"{r['seconds']:.1f}"
+        lines.append(f"| {r['name']} | {r['score']:.2f} | {r['delta']:+.2f} | {_pct(r['agreement_vs_trained'])} | "
+                     f"{_pct(r['agreement_vs_fake_quant'])} | {secs} |")
+    return "\n".join(lines)

@@ -1,15 +1,15 @@
-"""The ``q2ext demo`` protocol (mirrors the paper's): FP32 pretrain -> four fine-tunes per seed.
+"""The ``q2ext demo`` protocol: FP32 checkpoints -> the arms -> test scores, per seed.
 
-Per seed: train the FP32 U-Net (cached), then from it, with the same data, schedule and
-early stopping: (a) QAT with the chosen quantizer, (b) + Q-GBFusion, (c) + Q-GBFusion +
-Q-ADA (the FP32 model as the frozen teacher), and the negative control FP32 + Q-GBFusion.
-Every run keeps its best validation epoch (comparison at convergence).  Steps to the
-baseline's best: the first step at which a variant's validation mDICE reaches the best
-value of (a) on the same seed.
+Per seed: train (or load from the cache) the FP32-LN checkpoint (fusion nodes as frozen
+GBFusion from the start) and the FP32 checkpoint (plain fusion nodes); then run every arm
+(q2ext.demo.arms) on the task's QAT schedule from the same checkpoint, with the same
+mini-batches; each run keeps its best *validation* point; the kept model is scored once
+on the *test* split.  The premise check probes the branch gradient energies of the
+FP32-LN checkpoint and of the quantized models before training on the same fixed batches,
+and the training runs record them throughout.  Statistics: q2ext.demo.summary.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -17,89 +17,90 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .. import backend
-from .data import ShapesConfig, make_splits
+from . import arms as arms_mod
+from .config import DemoConfig, cache_dir, get_task
 from .deploy import run_deploy
-from .train import VARIANTS, build_fp32, build_variant, fit, mdice
+from .summary import summarize
+from .train import fit, probe_energy
 
-CACHE_VERSION = 1  # bump when the FP32 training code changes meaning
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Everything a demo run depends on (the FP32 cache key hashes the pretraining part)."""
-
-    seeds: tuple = (0, 1, 2)
-    bits: int = 4
-    quantizer: str = "lsq"
-    device: str = "cpu"
-    data: ShapesConfig = field(default_factory=ShapesConfig)
-    data_seed: int = 1234
-    n_train: int = 512
-    n_val: int = 128
-    width: int = 8
-    depth: int = 3
-    convs: int = 2
-    batch_size: int = 32
-    fp_epochs: int = 40
-    fp_lr: float = 1e-2
-    fp_patience: int = 10
-    qat_epochs: int = 15
-    qat_lr: float = 1e-3
-    patience: int = 5
-    gbf_beta: float = 0.1  # the paper's controller settings
-    gbf_eta: float = 0.05
-    # The paper's Q-ADA form (sigmoid attention, weight 0.01) adds ~5e-5 to a cross-entropy
-    # of ~0.3 here: no training signal.  q2ext's documented softmax variant at weight 1
-    # adds ~0.1 (both measured on this task).
-    ada_weight: float = 1.0
-    ada_divergence: str = "js"
-    ada_normalize: str = "softmax"
-    calib_batches: int = 4
-    deploy: bool = True      # the W8A8 -> int8 deployment check (q2ext.demo.deploy)
-    deploy_epochs: int = 5
-
-    def pretrain_key(self, seed: int) -> str:
-        fields = {k: getattr(self, k) for k in ("data_seed", "n_train", "n_val", "width", "depth", "convs",
-                                                 "batch_size", "fp_epochs", "fp_lr", "fp_patience")}
-        fields.update(data=dataclasses.asdict(self.data), seed=seed, version=CACHE_VERSION,
-                      device=torch.device(self.device).type, torch=torch.__version__.split("+")[0])
-        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-        return f"fp32_seed{seed}_{digest}"
+CACHE_VERSION = 2  # bump when the FP32 training changes meaning
+_RECIPE_FP = ("optimizer", "fp_lr", "momentum", "weight_decay", "batch_size", "fp_epochs")
 
 
-def quick_config(**changes) -> DemoConfig:
-    """The smoke-test size: one seed, 16x16 images, a two-level U-Net, a few epochs."""
-    base = DemoConfig(seeds=(0,), data=ShapesConfig(size=16, min_scale=0.2, max_scale=0.4), n_train=64, n_val=32,
-                      width=4, depth=2, convs=1, batch_size=16, fp_epochs=3, fp_patience=3, qat_epochs=2,
-                      patience=2, calib_batches=1, deploy_epochs=1)
-    return dataclasses.replace(base, **changes)
+def recipe_of(task, cfg: DemoConfig):
+    """The task's recipe with cfg.recipe's replacements."""
+    return dataclasses.replace(task.recipe(cfg.quick), **cfg.recipe)
 
 
-def cache_dir() -> Path:
-    return Path(backend.cache_dir())
+def arm_list(cfg: DemoConfig) -> tuple:
+    if cfg.arms is not None:
+        unknown = [a for a in cfg.arms if a not in arms_mod.ARMS]
+        if unknown:
+            raise ValueError(f"DemoConfig.arms: unknown arm(s) {unknown}; known: {list(arms_mod.ARMS)}")
+        if "D" in cfg.arms and ("B" not in cfg.arms or cfg.arms.index("B") > cfg.arms.index("D")):
+            raise ValueError("DemoConfig.arms: arm D replays B's final alpha, so B must run before it")
+        return tuple(cfg.arms)
+    return arms_mod.FULL_ARMS if cfg.full else arms_mod.BASE_ARMS
 
 
-def _pretrain(cfg, seed, data, progress, log):
-    """(FP32 model, its history): from the cache when a checkpoint of this config exists."""
-    path = cache_dir() / "demo" / f"{cfg.pretrain_key(seed)}.pt"
-    model = build_fp32(cfg, seed).to(data[0].device)
+def _pretrain_key(task, cfg, recipe, splits, seed, gbfusion, model) -> str:
+    """A digest of everything the FP32 checkpoint depends on: the settings, the model's
+    structure and initial weights, and the training and validation data themselves."""
+    h = hashlib.sha256()
+    meta = {"task": task.name, "seed": seed, "gbfusion": gbfusion, "ln_eps": cfg.ln_eps if gbfusion else None,
+            "quick": cfg.quick, "data_seed": cfg.data_seed, "version": CACHE_VERSION,
+            "recipe": {k: getattr(recipe, k) for k in _RECIPE_FP},
+            "device": torch.device(cfg.device).type, "torch": torch.__version__.split("+")[0]}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    h.update(str(model).encode())
+    for t in model.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for split in ("train", "val"):
+        for part in splits[split]:
+            if isinstance(part, torch.Tensor):
+                h.update(part.detach().cpu().contiguous().numpy().tobytes())
+    return f"{task.name}_{'fp32ln' if gbfusion else 'fp32'}_seed{seed}_{h.hexdigest()[:16]}"
+
+
+def pretrain(task, cfg, recipe, splits, seed: int, gbfusion: bool, progress=True, log=print, memo=None):
+    """(FP32 model, its history): from `memo` (a dict kept for one run, so seeds that share
+    the FP seed use one model), else from the cache when a checkpoint of this exact setting
+    exists, else trained and cached.  The model must not be modified (arms copy it)."""
+    device = splits["train"][0].device
+    model = task.build_model(seed, gbfusion, cfg.quick)
+    if gbfusion:
+        for _, m in task.fusion_nodes(model):
+            m.eps = float(cfg.ln_eps)
+        arms_mod.configure_nodes(model, task, controller=False, cfg=cfg)
+    model = model.to(device)
+    name = "FP32-LN" if gbfusion else "FP32"
+    path = cache_dir() / "demo" / f"{_pretrain_key(task, cfg, recipe, splits, seed, gbfusion, model)}.pt"
+    memo = {} if memo is None else memo
+    if path not in memo:
+        memo[path] = _load_or_train(task, cfg, recipe, splits, seed, gbfusion, model, path, name, progress, log)
+    return memo[path]
+
+
+def _load_or_train(task, cfg, recipe, splits, seed, gbfusion, model, path, name, progress, log):
+    device = splits["train"][0].device
     if path.exists():
         try:
             # weights_only: the cache holds a state_dict and a history of numbers only
-            saved = torch.load(path, map_location=data[0].device, weights_only=True)
+            saved = torch.load(path, map_location=device, weights_only=True)
             model.load_state_dict(saved["state_dict"])
-            log(f"seed {seed}: FP32 checkpoint from cache {path}")
+            log(f"seed {seed}: {name} checkpoint from the cache {path}")
             return model, dict(saved["history"], cached=True)
         except Exception as exc:  # a stale or truncated file: train again and overwrite it
             warnings.warn(f"q2ext demo: ignoring unreadable cache {path}: {exc}")
-    hist = fit(model, data, cfg, epochs=cfg.fp_epochs, lr=cfg.fp_lr, patience=cfg.fp_patience, seed=seed,
-               desc=f"seed {seed} fp32", progress=progress)
+    # Pretraining from scratch runs its whole budget (an early plateau is not convergence);
+    # the best validation point (one per epoch) is kept.
+    hist = fit(model, task, splits, dataclasses.replace(recipe, evals_per_epoch=1), lr=recipe.fp_lr,
+               epochs=recipe.fp_epochs, seed=seed,
+               desc=f"seed {seed} {name}", progress=progress, early_stopping=False, qat=False)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -110,91 +111,101 @@ def _pretrain(cfg, seed, data, progress, log):
     return model, dict(hist, cached=False)
 
 
-def _first_step_reaching(hist, target):
-    for step, score in zip(hist["steps"], hist["mdice"]):
-        if score >= target:
-            return step
-    return None
+def _log_offsets(energies) -> list:
+    """Per node: log G_i - mean_j log G_j (the controller's error before tau)."""
+    out = []
+    for g in energies:
+        logs = [math.log(max(v, 1e-30)) for v in g]
+        mean = sum(logs) / len(logs)
+        out.append([v - mean for v in logs])
+    return out
 
 
-def run_seed(cfg: DemoConfig, seed: int, data, out_dir: Path, progress=True, log=print, deploy=False) -> dict:
-    """Pretrain (or load) the FP32 model of `seed`, fine-tune every variant, save the models;
-    with `deploy`, also run the W8A8 deployment check (result under the key "deploy")."""
-    fp32, fp_hist = _pretrain(cfg, seed, data, progress, log)
-    fp32.eval()
-    xt = data[0]
-    example = xt[:2]
-    calib = [xt[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(cfg.calib_batches)]
-    runs = {"fp32": dict(fp_hist, best=mdice(fp32, data[2], data[3]))}
-    for variant in VARIANTS:
-        torch.manual_seed(seed)
-        model = build_variant(variant, fp32, cfg, example, calib)
-        # a copy: Q2Distiller freezes the teacher it is given
-        teacher = copy.deepcopy(fp32) if variant.endswith("+ada") else None
-        hist = fit(model, data, cfg, epochs=cfg.qat_epochs, lr=cfg.qat_lr, patience=cfg.patience, seed=seed,
-                   teacher=teacher, desc=f"seed {seed} {variant}", progress=progress)
-        runs[variant] = hist
-        models = out_dir / "models"
-        models.mkdir(parents=True, exist_ok=True)
-        # The whole module is pickled (GraphModules from insert_gbfusion included): load it
-        # with torch.load(path, weights_only=False), only from a source you trust.
-        torch.save(model.cpu(), models / f"{variant.replace('+', '_')}_seed{seed}.pt")
-    if deploy:
-        runs["deploy"] = run_deploy(cfg, fp32, data, seed, progress, log)
-    base_best = runs["qat"]["best"]
-    for variant in VARIANTS:
-        if variant.startswith("qat"):
-            runs[variant]["steps_to_baseline_best"] = _first_step_reaching(runs[variant], base_best)
-    return runs
+def run_seed(task, cfg: DemoConfig, recipe, splits, seed: int, out_dir: Path, progress=True, log=print,
+             memo=None):
+    """Every arm of one seed.  Returns (runs, FP32-LN model): runs holds "FP32-LN", "FP32" and
+    each arm (history + test scores), "start" (the energy probes), "grids", "tau_fp",
+    "node_names"."""
+    fp_seed = seed if cfg.fp_seed is None else cfg.fp_seed
+    fp_ln, ln_hist = pretrain(task, cfg, recipe, splits, fp_seed, True, progress, log, memo)
+    arms = arm_list(cfg)
+    fp_plain, plain_hist = (pretrain(task, cfg, recipe, splits, fp_seed, False, progress, log, memo) if "G" in arms
+                            else (None, None))
+    xt, yt = splits["train"]
+    bs = recipe.batch_size
+    calib = [xt[i * bs:(i + 1) * bs] for i in range(cfg.calib_batches)]
+    probe = dict(images=xt, targets=yt, batch_size=bs, batches=cfg.probe_batches)
+    start = {"FP32-LN": probe_energy(fp_ln, task, **probe)}
+
+    def qconfig(float_model):
+        return arms_mod.qconfig(task, float_model, cfg.bits, cfg.quantizer, calib[0], cfg.w_per_channel,
+                                cfg.edge_bits)
+
+    ctx = {"task": task, "cfg": cfg, "fp_ln": fp_ln, "fp_plain": fp_plain, "calib": calib,
+           "qconfig_ln": qconfig(fp_ln), "tau_fp": _log_offsets(start["FP32-LN"])}
+    runs = {"FP32-LN": dict(ln_hist, test=task.evaluate(fp_ln, *splits["test"]))}
+    if fp_plain is not None:
+        start["FP32"] = probe_energy(fp_plain, task, **probe)
+        ctx["qconfig_plain"] = qconfig(fp_plain)
+        runs["FP32"] = dict(plain_hist, test=task.evaluate(fp_plain, *splits["test"]))
+    grids = {}
+    for arm in arms:
+        model, teacher = arms_mod.build_arm(arm, ctx)
+        if arm in arms_mod.QUANTIZED:
+            grids[arm] = arms_mod.post_fusion_grids(model, task, calib[0])
+            if arm in ("A", "G"):
+                start[arm] = probe_energy(model, task, **probe)
+        distiller = arms_mod.make_distiller(model, teacher, task, cfg) if teacher is not None else None
+        try:
+            hist = fit(model, task, splits, recipe, lr=recipe.qat_lr, epochs=recipe.qat_epochs, seed=seed,
+                       distiller=distiller, desc=f"seed {seed} arm {arm}", progress=progress)
+        finally:
+            if distiller is not None:
+                distiller.remove()  # hooks hold closures: the model must be hook-free to be pickled
+        hist["test"] = task.evaluate(model, *splits["test"])
+        if arm == "B":
+            ctx["b_lam"] = [m.lam.tolist() for _, m in task.fusion_nodes(model)]
+        runs[arm] = hist
+        log(f"seed {seed} arm {arm}: val best {hist['best']:.2f} at step {hist['best_step']}, "
+            f"test {hist['test']['score']:.2f} ({hist['seconds']:.0f} s)")
+        if cfg.save_models:
+            models = out_dir / "models"
+            models.mkdir(parents=True, exist_ok=True)
+            # The whole module is pickled: load it with torch.load(path, weights_only=False),
+            # only from a source you trust.
+            torch.save(model.cpu(), models / f"arm{arm}_seed{seed}.pt")
+            model.to(xt.device)
+    runs["start"] = start
+    runs["node_names"] = [n for n, _ in task.fusion_nodes(fp_ln)]
+    runs["deep_branch"] = [task.deep_branch(n) for n in runs["node_names"]]
+    runs["grids"] = grids
+    runs["tau_fp"] = ctx["tau_fp"]
+    return runs, fp_ln
 
 
-def run(cfg: DemoConfig, out_dir, progress=True, log=print) -> dict:
-    """Run the whole protocol; returns the results dict (every number report.py writes)."""
+def run(cfg: DemoConfig, out_dir, progress=True, log=print, task=None) -> dict:
+    """Run the whole protocol; returns the results dict (every number report.py writes).
+    `task`: a task instance to use instead of the registered ``cfg.task`` (exploration)."""
     out_dir = Path(out_dir)
+    task = get_task(cfg.task) if task is None else task
+    recipe = recipe_of(task, cfg)
     device = torch.device(cfg.device)
     start = time.perf_counter()
-    xt, yt, xv, yv = make_splits(cfg.n_train, cfg.n_val, cfg.data_seed, cfg.data)
-    data = tuple(t.to(device) for t in (xt, yt, xv, yv))
-    per_seed = {}
-    for i, seed in enumerate(cfg.seeds):
-        per_seed[str(seed)] = run_seed(cfg, seed, data, out_dir, progress, log, deploy=cfg.deploy and i == 0)
-    deploy = next((runs.pop("deploy") for runs in per_seed.values() if "deploy" in runs), None)
+    splits = task.make_splits(cfg.data_seed, cfg.quick)
+    splits = {k: (x.to(device), y.to(device) if isinstance(y, torch.Tensor) else y) for k, (x, y) in splits.items()}
+    per_seed, first_fp_ln, memo = {}, None, {}
+    for seed in cfg.seeds:
+        per_seed[str(seed)], fp_ln = run_seed(task, cfg, recipe, splits, seed, out_dir, progress, log, memo)
+        first_fp_ln = fp_ln if first_fp_ln is None else first_fp_ln
+    deploy = None
+    if cfg.deploy:
+        deploy = run_deploy(task, cfg, recipe, first_fp_ln, splits, cfg.seeds[0], progress, log)
     config = dataclasses.asdict(cfg)
-    config["seeds"] = list(cfg.seeds)
-    return {"config": config, "seeds": per_seed, "wall_seconds": time.perf_counter() - start,
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "summary": summarize(per_seed), "deploy": deploy}
-
-
-def _mean_std(values):
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return None, None
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return mean, std
-
-
-def summarize(per_seed: dict) -> dict:
-    """Per variant: mDICE mean/std over seeds, delta vs the QAT baseline, steps-to-baseline-best
-    (mean over seeds, and as a fraction of the baseline's own), balance ratios."""
-    out = {}
-    names = ["fp32", *VARIANTS]
-    for v in names:
-        runs = [per_seed[s][v] for s in per_seed]
-        mean, std = _mean_std([r["best"] for r in runs])
-        row = {"mdice_mean": mean, "mdice_std": std, "mdice_per_seed": [r["best"] for r in runs]}
-        row["balance_ratio"], _ = _mean_std([r.get("balance_ratio") for r in runs])
-        row["deep_over_skip"], _ = _mean_std([r.get("deep_over_skip") for r in runs])
-        if v.startswith("qat"):
-            steps = [r.get("steps_to_baseline_best") for r in runs]
-            row["steps_to_baseline_best"] = steps
-            base = [per_seed[s]["qat"]["steps_to_baseline_best"] for s in per_seed]
-            fracs = [a / b for a, b in zip(steps, base) if a is not None and b]
-            row["steps_fraction"], _ = _mean_std(fracs) if len(fracs) == len(steps) else (None, None)
-        out[v] = row
-    base = out["qat"]["mdice_mean"]
-    for v in VARIANTS:
-        ref = base if v.startswith("qat") else out["fp32"]["mdice_mean"]
-        out[v]["delta"] = out[v]["mdice_mean"] - ref
-    return out
+    config.update(seeds=list(cfg.seeds), arms=list(arm_list(cfg)), recipe=dataclasses.asdict(recipe),
+                  score_name=task.score_name, task_repr=repr(task),
+                  split_sizes={k: len(x) for k, (x, _) in splits.items()})
+    results = {"config": config, "seeds": per_seed, "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "deploy": deploy}
+    results.update(summarize(task, per_seed, arm_list(cfg)))
+    results["wall_seconds"] = time.perf_counter() - start
+    return results

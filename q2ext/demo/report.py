@@ -1,58 +1,142 @@
-"""Outputs of ``q2ext demo``: the summary table, results.json and the PNG plots."""
+"""Outputs of ``q2ext demo``: the tables, results.json and the PNG plots."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
 
+from .arms import ARMS
 from .deploy import table as deploy_table
-from .train import VARIANTS
+from .summary import CHECKPOINTS
 
-LABELS = {"fp32": "FP32", "qat": "{q}", "qat+gbf": "{q} + Q-GBFusion", "qat+gbf+ada": "{q} + Q-GBFusion + Q-ADA",
-          "fp32+gbf": "FP32 + Q-GBFusion (control)"}
-COLORS = {"qat": "tab:blue", "qat+gbf": "tab:orange", "qat+gbf+ada": "tab:green", "fp32+gbf": "tab:gray"}
-
-
-def label(variant: str, cfg: dict) -> str:
-    q = {"lsq": "LSQ", "lsq+": "LSQ+", "pact": "PACT"}[cfg["quantizer"]] + f" W{cfg['bits']}A{cfg['bits']}"
-    return LABELS[variant].format(q=q)
+COLORS = {"E": "black", "A": "tab:blue", "B": "tab:orange", "C": "tab:green", "G": "tab:purple", "D": "tab:brown",
+          "F": "tab:gray", "H": "tab:red"}
+_QNAMES = {"auto": "LSQ", "lsq": "LSQ", "lsq+": "LSQ+", "pact": "PACT"}
 
 
-def _fmt(v, spec=".2f", none="-"):
+def quant_label(cfg: dict) -> str:
+    return f"{_QNAMES[cfg['quantizer']]} W{cfg['bits']}A{cfg['bits']}"
+
+
+def arm_label(arm: str, cfg: dict) -> str:
+    if arm in CHECKPOINTS:
+        return f"{arm} checkpoint (no QAT)"
+    return f"{arm}: " + ARMS[arm].format(q=quant_label(cfg))
+
+
+def _f(v, spec=".2f", none="-"):
     return none if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
-def table(results: dict) -> str:
-    """Markdown table: mDICE mean +- std, delta, steps to the baseline's best, balance ratios."""
+def _steps(row) -> str:
+    if "steps_to_target" not in row:
+        return ""
+    parts = []
+    for s, r in zip(row["steps_to_target"], row["steps_to_target_vs_A"]):
+        parts.append("never" if s is None else f"{s}" + (f" ({r:.2f}×)" if r is not None else ""))
+    return ", ".join(parts)
+
+
+def main_table(results: dict) -> str:
     cfg, summ = results["config"], results["summary"]
-    n = len(cfg["seeds"])
-    lines = [f"| variant | mDICE (mean ± std, {n} seed{'s' * (n > 1)}) | Δ | steps to {label('qat', cfg)} best "
-             "(per seed; × baseline) | balance ratio max/min | G_up / G_skip |",
-             "|---|---|---|---|---|---|"]
-    for v in ["fp32", *VARIANTS]:
-        row = summ[v]
-        ref = "FP32" if v == "fp32+gbf" else label("qat", cfg)
-        delta = "" if v in ("fp32", "qat") else f"{row['delta']:+.2f} vs {ref}"
-        steps = ""
-        if v.startswith("qat"):
-            steps = ", ".join("never" if s is None else str(s) for s in row["steps_to_baseline_best"])
-            steps += f" ({_fmt(row['steps_fraction'])}×)" if v != "qat" else ""
-        lines.append(f"| {label(v, cfg)} | {_fmt(row['mdice_mean'])} ± {_fmt(row['mdice_std'])} | {delta} | "
-                     f"{steps} | {_fmt(row['balance_ratio'], '.3f')} | {_fmt(row['deep_over_skip'], '.3f')} |")
-    lines.append(f"\nbalance ratio: per fusion node, max_i G_i / min_i G_i of the mean over the last training epoch "
-                 f"of G_i = ||dL/dF_i||_2 (branch input, before alpha); averaged over the {cfg['depth']} nodes and "
-                 f"the seeds.  Wall time {results['wall_seconds']:.0f} s on {results['threads']} threads.")
-    if results.get("deploy"):
-        lines.append(deploy_table(results["deploy"]))
+    n, score = len(cfg["seeds"]), cfg["score_name"]
+    lines = [f"| arm | test {score} (mean ± std, {n} seed{'s' * (n > 1)}) | per seed | val best (mean) | "
+             "steps run | steps to A's best − 0.5 (× A) | area under val curve |",
+             "|---|---|---|---|---|---|---|"]
+    for arm, row in summ.items():
+        val = sum(row["val_best_per_seed"]) / len(row["val_best_per_seed"])
+        lines.append(f"| {arm_label(arm, cfg)} | {_f(row['score_mean'])} ± {_f(row['score_std'])} | "
+                     f"{', '.join(_f(s) for s in row['score_per_seed'])} | {_f(val)} | "
+                     f"{', '.join(str(s) for s in row['steps_run'])} | {_steps(row)} | {_f(row.get('area_mean'))} |")
     return "\n".join(lines)
 
 
+def paired_table(results: dict) -> str:
+    lines = ["| paired delta (test) | mean ± std | per seed | sign |", "|---|---|---|---|"]
+    for name, p in results["paired"].items():
+        lines.append(f"| {name} | {_f(p['mean'], '+.2f')} ± {_f(p['std'])} | "
+                     f"{', '.join(_f(d, '+.2f') for d in p['per_seed'])} | {p['positive']}/{p['n']} positive |")
+    return "\n".join(lines)
+
+
+def _cell(row, i):
+    node = row["per_node"][i]
+    return f"{_f(node['balance_ratio'])} ({_f(node['deep_over_shallow'])})"
+
+
+def premise_table(results: dict) -> str:
+    prem = results["premise"]
+    cols = [(f"{k} before QAT", prem["start"][k]) for k in ("FP32-LN", "A", "FP32", "G") if k in prem["start"]]
+    cols += [(f"{a} training", prem[a]) for a in ("E", "A", "B", "G", "H") if a in prem]
+    names = [n["name"] for n in cols[0][1]["per_node"]]
+    lines = ["| node | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for i, name in enumerate(names):
+        lines.append(f"| {name} | " + " | ".join(_cell(r, i) for _, r in cols) + " |")
+    lines.append("| mean | " + " | ".join(f"{_f(r['balance_ratio'])} ({_f(r['deep_over_shallow'])})"
+                                           for _, r in cols) + " |")
+    return "\n".join(lines)
+
+
+def alpha_table(results: dict) -> str:
+    summ = results["summary"]
+    arms = [a for a in ("B", "C", "D", "F", "H") if "final_alpha_per_seed" in summ.get(a, {})]
+    if not arms:
+        return ""
+    names = results["seeds"][next(iter(results["seeds"]))]["node_names"]
+    lines = ["| node | " + " | ".join(f"{a}: α (deep, shallow)" for a in arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for i, name in enumerate(names):
+        cells = []
+        for a in arms:
+            per = [al[i] for al in summ[a]["final_alpha_per_seed"]]
+            k = len(per[0])
+            mean = [sum(p[j] for p in per) / len(per) for j in range(k)]
+            cells.append("(" + ", ".join(f"{v:.3f}" for v in mean) + ")")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def grid_table(results: dict) -> str:
+    seed, runs = next(iter(results["seeds"].items()))
+    grids = runs.get("grids") or {}
+    if not grids:
+        return ""
+    arms = list(grids)
+    names = list(grids[arms[0]])
+    lines = [f"| input grid of the conv after each fusion node (seed {seed}) | " + " | ".join(arms) + " |",
+             "|---" * (len(arms) + 1) + "|"]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(grids[a][name] for a in arms) + " |")
+    return "\n".join(lines)
+
+
+def tables(results: dict) -> str:
+    """Every table of the report (markdown) with the notes that define its columns."""
+    cfg = results["config"]
+    parts = [f"q2ext demo --task {cfg['task']}: {quant_label(cfg)} (quantizer policy {cfg['quantizer']!r}), "
+             f"data seed {cfg['data_seed']}, splits {cfg['split_sizes']}; checkpoints picked on val, scored on test.",
+             main_table(results), "", paired_table(results), "",
+             "Premise check, balance ratio max_i G_i / min_i G_i (G_deep / G_shallow) per fusion node; G_i = "
+             "||dL/dF_i||_2 of branch i (before alpha). 'before QAT': probes of the checkpoint on the same fixed "
+             "training batches; 'training': mean over the last validation interval, mean over seeds.",
+             premise_table(results)]
+    for extra in (alpha_table(results), grid_table(results)):
+        if extra:
+            parts += ["", extra]
+    parts.append(f"\nConvergence: validation curves smoothed by an EMA; target = A's smoothed best − 0.5 per seed. "
+                 f"Area: mean validation score over the QAT budget, best held after early stopping. "
+                 f"Wall time {results['wall_seconds']:.0f} s on {results['threads']} threads.")
+    if results.get("deploy"):
+
+        parts.append(deploy_table(results["deploy"]))
+    return "\n".join(parts)
+
+
 def _finite(obj):
-    """JSON has no inf/NaN: write them as null (and say so in the schema note)."""
+    """JSON has no inf/NaN: write them as null."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {str(k): _finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
@@ -60,7 +144,7 @@ def _finite(obj):
 
 def write_json(results: dict, path: Path) -> None:
     with open(path, "w") as f:
-        json.dump(_finite(results), f, indent=1, allow_nan=False)
+        json.dump(_finite(results), f, indent=1, allow_nan=False, default=str)
 
 
 def _plt():
@@ -72,64 +156,94 @@ def _plt():
     return plt
 
 
+def _arms(results):
+    return [a for a in results["config"]["arms"] if a in results["summary"]]
+
+
 def plot_curves(results: dict, path: Path) -> None:
-    """Validation mDICE against QAT step, one line per seed, one colour per variant."""
+    """Validation score against QAT step, one panel per seed, one colour per arm."""
+    plt = _plt()
+    cfg, seeds = results["config"], results["seeds"]
+    fig, axes = plt.subplots(1, len(seeds), figsize=(5.2 * len(seeds), 4.2), squeeze=False, sharey=True)
+    for ax, (seed, runs) in zip(axes[0], seeds.items()):
+        for arm in _arms(results):
+            h = runs[arm]
+            ax.plot(h["steps"], h["val"], color=COLORS[arm], lw=1.4, marker="o", ms=2, label=arm_label(arm, cfg))
+        ax.set_title(f"seed {seed}", fontsize=9)
+        ax.set_xlabel("QAT step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"validation {cfg['score_name']} (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    fig.suptitle(f"q2ext demo --task {cfg['task']}: {quant_label(cfg)}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _per_node(results, path, arms, series, ylabel, title, log=False):
     plt = _plt()
     cfg = results["config"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for v in VARIANTS:
-        for i, (seed, runs) in enumerate(results["seeds"].items()):
-            h = runs[v]
-            ax.plot(h["steps"], h["mdice"], color=COLORS[v], alpha=0.85, lw=1.4,
-                    label=label(v, cfg) if i == 0 else None, marker="o", ms=2.5)
-    fp = results["summary"]["fp32"]["mdice_mean"]
-    ax.axhline(fp, color="black", ls="--", lw=1, label=f"FP32 ({fp:.1f})")
-    ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("validation mDICE (%)")
-    ax.set_title(f"q2ext demo: W{cfg['bits']}A{cfg['bits']} QAT from FP32 ({len(cfg['seeds'])} seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    seed, runs = next(iter(results["seeds"].items()))
+    names = runs["node_names"]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.0 * len(names), 3.6), squeeze=False)
+    for i, (ax, name) in enumerate(zip(axes[0], names)):
+        for arm in arms:
+            if arm not in runs:
+                continue
+            for values, style, suffix in series(runs[arm], i):
+                ax.plot(values[0], values[1], color=COLORS[arm], ls=style, lw=1.4,
+                        label=f"{arm_label(arm, cfg)}{suffix}" if i == 0 else None)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("QAT step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7)
+    fig.suptitle(f"{title} (seed {seed})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_energy(results: dict, path: Path) -> None:
-    """Per fusion node: G_up and G_skip (epoch means) over training, first seed, per variant."""
-    plt = _plt()
-    cfg = results["config"]
-    seed, runs = next(iter(results["seeds"].items()))
-    depth = cfg["depth"]
-    fig, axes = plt.subplots(1, depth, figsize=(4.2 * depth, 3.8), squeeze=False)
-    for node in range(depth):
-        ax = axes[0][node]
-        for v in VARIANTS:
-            h = runs[v]
-            if not h["energy"]:
-                continue
-            steps = h["steps"][1:len(h["energy"]) + 1]
-            ax.plot(steps, [e[node][0] for e in h["energy"]], color=COLORS[v], lw=1.6, label=f"{label(v, cfg)}: up")
-            ax.plot(steps, [e[node][1] for e in h["energy"]], color=COLORS[v], lw=1.6, ls="--", label="skip")
-        ax.set_yscale("log")
-        ax.set_title(f"decoders.{node} (solid: deep/up, dashed: skip)", fontsize=9)
-        ax.set_xlabel("fine-tuning step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("gradient energy ||dL/dF_i||_2 (epoch mean)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    keep = [(h, lbl) for h, lbl in zip(handles, labels) if lbl != "skip"]
-    fig.legend([h for h, _ in keep], [lbl for _, lbl in keep], loc="lower center", ncol=len(keep), fontsize=8)
-    fig.suptitle(f"per-branch gradient energy at the fusion nodes (seed {seed})", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Per fusion node: G_deep (solid) and G_shallow (dashed) over QAT for E, A, B."""
+    deep_of = next(iter(results["seeds"].values()))["deep_branch"]
+
+    def series(h, node):
+        steps = h["steps"][1:len(h["energy"]) + 1]
+        g = [e[node] for e in h["energy"]]
+        d = deep_of[node]
+        shallow = [[x[j] for j in range(len(x)) if j != d] for x in g]
+        return [((steps, [x[d] for x in g]), "-", ": deep"),
+                ((steps, [sum(s) / len(s) for s in shallow]), "--", ": shallow")]
+    _per_node(results, path, ("E", "A", "B"), series, "gradient energy ||dL/dF_i||_2 (interval mean)",
+              "per-branch gradient energy at the fusion nodes", log=True)
+
+
+def plot_alpha(results: dict, path: Path) -> None:
+    """Per fusion node: alpha of the deep branch over QAT in the arms with a controller."""
+    deep_of = next(iter(results["seeds"].values()))["deep_branch"]
+
+    def series(h, node):
+        if not h["alpha"] or not h["alpha"][0]:
+            return []
+        d = deep_of[node]
+        return [((h["steps"][:len(h["alpha"])], [a[node][d] for a in h["alpha"]]), "-", "")]
+    _per_node(results, path, ("B", "C", "D", "F", "H"), series, "alpha of the deep branch",
+              "Q-GBFusion alpha over training (0.5 = uniform)")
 
 
 def write_all(results: dict, out_dir: Path) -> dict:
-    """results.json, val_curves.png, gradient_energy.png in out_dir; returns their paths."""
+    """results.json, val_curves.png, gradient_energy.png, alpha.png in out_dir; returns their paths."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "curves": out_dir / "val_curves.png",
-             "energy": out_dir / "gradient_energy.png"}
+             "energy": out_dir / "gradient_energy.png", "alpha": out_dir / "alpha.png"}
     write_json(results, paths["json"])
     plot_curves(results, paths["curves"])
     plot_energy(results, paths["energy"])
+    plot_alpha(results, paths["alpha"])
     return paths

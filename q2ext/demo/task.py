@@ -2,7 +2,8 @@
 both implement :class:`Task`, and ``q2ext.demo.protocol`` runs the same arms, schedule and
 statistics over either.
 
-A split is ``(images, targets)``: ``images`` a float32 tensor ``[N, 3, H, W]``; ``targets``
+A split is ``(images, targets)``: ``images`` a float32 tensor ``[N, C, H, W]`` (C = 3 for
+detection, 1 for the ultrasound-like segmentation images); ``targets``
 a ``[N, H, W]`` int64 class-index tensor (segmentation) or a list of N dicts
 ``{"boxes": float32 [n_i, 4] (x1, y1, x2, y2, pixels), "labels": int64 [n_i]}``
 (detection).  Everything a task generates is deterministic per ``data_seed``.
@@ -23,6 +24,7 @@ class Recipe:
     """The training recipe of a task (the paper's: SGD for detection, Adam for segmentation)."""
 
     optimizer: str = "adam"          # "adam" or "sgd"
+    qat_optimizer: str = ""          # the QAT phase's, when it differs ("": the same as optimizer)
     fp_lr: float = 1e-2
     qat_lr: float = 1e-3
     momentum: float = 0.9            # SGD only
@@ -30,7 +32,8 @@ class Recipe:
     batch_size: int = 32
     fp_epochs: int = 40
     qat_epochs: int = 15
-    patience: int = 5                # early stopping on the validation score
+    patience: int = 5                # early stopping on the validation score (in validation points)
+    evals_per_epoch: int = 1         # validation points per epoch (finer curves for the convergence statistics)
 
 
 class Task(ABC):
@@ -59,6 +62,11 @@ class Task(ABC):
         """``[(qualified name, module)]`` of the fusion nodes, in a fixed order (shallow to deep
         or the reverse, stated by the task), for the gradient-energy premise check."""
 
+    def deep_branch(self, node_name: str) -> int:
+        """Index of the deeper branch of a fusion node (the one whose input passed through more
+        layers), for the premise check's G_deep / G_shallow.  Default: branch 0."""
+        return 0
+
     @abstractmethod
     def loss(self, model: nn.Module, images: torch.Tensor, targets) -> torch.Tensor:
         """The training loss of a mini-batch (model in train mode)."""
@@ -71,6 +79,16 @@ class Task(ABC):
     @abstractmethod
     def select(self, targets, index: torch.Tensor):
         """The targets of the samples at ``index`` (a mini-batch)."""
+
+    def augment(self, images: torch.Tensor, targets, generator: torch.Generator):
+        """A mini-batch's augmentation, drawn from ``generator`` only (the protocol gives every
+        arm of a seed the same generator stream, hence the same batches).  Default: none."""
+        return images, targets
+
+    def class_logits(self, output) -> list:
+        """The class-logit maps ``[N, classes, ...]`` in a model output, for the argmax
+        agreement of the deployment check.  Default: the output itself."""
+        return [output]
 
     def qconfig(self, bits: int, quantizer: str):
         """The QConfig of every QAT arm: W<bits>A<bits>, one activation-quantizer policy."""

@@ -1,13 +1,16 @@
-"""Training pieces of ``q2ext demo``: the variants, the gradient-energy probe, the loop.
+"""The training loop of ``q2ext demo`` (any :class:`~q2ext.demo.task.Task`) and its gradient probe.
 
 Gradient energy.  At a fusion node with branch inputs F_1..F_K, G_i = ||dL/dF_i||_2 over
 the mini-batch: the gradient that reaches branch i *through the fusion node* (before
-alpha under Q-GBFusion; the same quantity ``GBFusion`` feeds its controller).  The
-probe measures it the same way in every variant, with or without a GBFusion module: a
-forward pre-hook on the node hands it ``x.view_as(x)`` of each branch (a fresh autograd
-node, so the skip tensor's other consumer - the next encoder stage - does not add to its
-gradient) and a tensor hook sums grad**2.  Energies stay on the device; the host reads
-them once per epoch.
+alpha under Q-GBFusion; the quantity ``GBFusion`` feeds its controller).  The probe
+measures it the same way in every arm, plain concat or GBFusion, frozen or not: a forward
+pre-hook on the node hands it ``x.view_as(x)`` of each branch (a fresh autograd node, so
+the branch's other consumers - the next encoder stage - do not add to it) and a tensor
+hook sums grad**2.  Energies stay on the device until a validation point reads them.
+
+Same data per seed.  Every run of a seed draws its batch order and augmentation from
+one generator seeded by the seed alone, and nothing else draws from it, so every arm of
+a seed sees the same mini-batches in the same order.
 """
 from __future__ import annotations
 
@@ -16,38 +19,35 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import q2ext
 from q2ext.nn import GBFusion
 
-from .data import NUM_CLASSES
-from .model import Concat, TinyUNet
-
-VARIANTS = ("qat", "qat+gbf", "qat+gbf+ada", "fp32+gbf")
+MAX_BRANCHES = 16
 
 
-def fusion_nodes(model: nn.Module) -> list:
-    """[(name, module)] of the fusion nodes: the GBFusion where one was inserted, else the Concat."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (Concat, GBFusion))]
+def data_generator(seed: int) -> torch.Generator:
+    """The batch-order/augmentation stream of a seed (the same in every arm)."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + 17)
 
 
 class EnergyProbe:
     """Per-step gradient energy of every branch of every fusion node (see the module doc)."""
 
-    def __init__(self, model: nn.Module, device):
-        self.names = [n for n, _ in fusion_nodes(model)]
-        nodes = [m for _, m in fusion_nodes(model)]
-        k = 2  # every demo node merges (up, skip)
-        self._step = torch.zeros(len(nodes), k, dtype=torch.float64, device=device)
+    def __init__(self, model: nn.Module, task, device):
+        nodes = task.fusion_nodes(model)
+        self.names = [n for n, _ in nodes]
+        self.k = [None] * len(nodes)
+        self._step = torch.zeros(len(nodes), MAX_BRANCHES, dtype=torch.float64, device=device)
         self._sum = torch.zeros_like(self._step)
         self._count = 0
-        self._handles = [m.register_forward_pre_hook(self._pre(i)) for i, m in enumerate(nodes)]
+        self._handles = [m.register_forward_pre_hook(self._pre(i)) for i, (_, m) in enumerate(nodes)]
 
     def _pre(self, idx):
         def hook(module, args):
-            branches = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+            as_list = len(args) == 1 and isinstance(args[0], (list, tuple))
+            branches = list(args[0]) if as_list else list(args)
+            self.k[idx] = len(branches)
             if not (torch.is_grad_enabled() and module.training):
                 return None
             fresh = []
@@ -56,7 +56,7 @@ class EnergyProbe:
                 if y.requires_grad:
                     y.register_hook(self._tensor_hook(idx, b))
                 fresh.append(y)
-            return (fresh,)
+            return (fresh,) if as_list else tuple(fresh)
         return hook
 
     def _tensor_hook(self, idx, b):
@@ -65,17 +65,17 @@ class EnergyProbe:
         return hook
 
     def step(self) -> None:
-        """After each backward: fold this step's G_i into the epoch sums."""
+        """After each backward: fold this step's G_i into the running sums."""
         self._sum += self._step.sqrt()
         self._step.zero_()
         self._count += 1
 
-    def epoch(self) -> list:
-        """Mean G_i over the epoch's steps, [[G_up, G_skip] per node], and reset."""
-        out = (self._sum / max(self._count, 1)).cpu().tolist()
+    def take(self) -> list:
+        """Mean G_i over the steps since the last call, ``[[G_1..G_K] per node]``; resets."""
+        means = (self._sum / max(self._count, 1)).cpu().tolist()
         self._sum.zero_()
         self._count = 0
-        return out
+        return [row[:k] for row, k in zip(means, self.k) if k is not None]
 
     def remove(self) -> None:
         for h in self._handles:
@@ -83,70 +83,35 @@ class EnergyProbe:
         self._handles = []
 
 
-def balance_ratio(energies) -> float:
-    """Mean over nodes of max_i G_i / min_i G_i (1 = perfectly balanced)."""
-    ratios = [max(e) / min(e) if min(e) > 0 else math.inf for e in energies]
-    return sum(ratios) / len(ratios)
-
-
-def mdice(model, images, masks, batch_size=128) -> float:
-    """Mean foreground Dice (%) over the set: per class, Dice of all its pixels pooled
-    (torchmetrics DiceScore, global aggregation), averaged over the foreground classes."""
-    from torchmetrics.segmentation import DiceScore
-
-    metric = DiceScore(num_classes=NUM_CLASSES, include_background=False, average="none",
-                       aggregation_level="global", input_format="index").to(images.device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            metric.update(model(images[i:i + batch_size]).argmax(1), masks[i:i + batch_size])
-    model.train(was_training)
-    return 100.0 * float(metric.compute().nan_to_num(0.0).mean())
-
-
-def build_fp32(cfg, seed: int) -> TinyUNet:
-    torch.manual_seed(seed)
-    return TinyUNet(3, NUM_CLASSES, cfg.width, cfg.depth, cfg.convs)
-
-
-def qconfig(cfg) -> q2ext.QConfig:
-    """W<bits>A<bits> with the chosen activation quantizer; first/last layers 8 bit (paper)."""
-    overrides = {}
-    if cfg.quantizer == "pact":
-        # PACT clips to [0, alpha]; under Q-GBFusion the conv after each node reads
-        # LayerNorm output, which is signed, so those convs use LSQ+ in every variant.
-        overrides = {"decoders.*.block.0": {"a_quantizer": "lsq+"}}
-    return q2ext.QConfig(w_bits=cfg.bits, a_bits=cfg.bits, a_quantizer=cfg.quantizer, overrides=overrides)
-
-
-def build_variant(variant: str, fp32: nn.Module, cfg, example, calib_batches):
-    """The model of one variant, from (a deep copy of) the trained FP32 model."""
-    model = copy.deepcopy(fp32).requires_grad_(True)
-    if "gbf" in variant:
-        # Insert into the float model first, then quantize: the quantizers then see (and
-        # initialise from) the LayerNorm'd features the trained model will feed them.
-        report = q2ext.insert_gbfusion(model, example_inputs=(example,), beta=cfg.gbf_beta, eta=cfg.gbf_eta)
-        if len(report) != cfg.depth:
-            raise RuntimeError(f"q2ext demo: expected {cfg.depth} fusion nodes, insert_gbfusion found:\n{report}")
-        model = report.model
-    if variant.startswith("qat"):
-        model = q2ext.prepare(model, qconfig(cfg), inplace=True)
-        q2ext.calibrate(model, calib_batches)
-    reestimate_bn(model, calib_batches)
-    return model
+def probe_energy(model: nn.Module, task, images, targets, batch_size: int, batches: int) -> list:
+    """Mean G_i per node over `batches` forward/backward passes of a copy of `model` in train
+    mode (fixed leading training batches, no optimizer step, every controller frozen): the
+    branch energies of a checkpoint as it stands."""
+    probe_model = copy.deepcopy(model)
+    for _, m in task.fusion_nodes(probe_model):
+        if isinstance(m, GBFusion):
+            m.freeze()
+    probe_model.train()
+    probe = EnergyProbe(probe_model, task, images.device)
+    for i in range(batches):
+        idx = torch.arange(i * batch_size, (i + 1) * batch_size)
+        task.loss(probe_model, images[idx.to(images.device)], task.select(targets, idx)).backward()
+        probe.step()
+        probe_model.zero_grad(set_to_none=True)
+    probe.remove()
+    return probe.take()
 
 
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, batches) -> None:
-    """Recompute every BatchNorm's running statistics on `batches` (same for every variant).
+    """Recompute every BatchNorm's running statistics on `batches` (the same in every arm).
 
-    Model surgery changes the features the BNs see (a LayerNorm at each fusion node,
-    quantized inputs); without this the first evaluations measure stale statistics,
-    not the variant.  No parameter changes; GBFusion's controller runs only in backward.
+    Quantizers change the features the BNs see; without this the first validation points
+    measure stale statistics, not the arm.  No parameter changes; GBFusion's controller runs
+    only in backward.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.training) for m in bns]
+    saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches
@@ -155,80 +120,106 @@ def reestimate_bn(model: nn.Module, batches) -> None:
     for x in batches:
         model(x)
     model.train(was_training)
-    for m, (momentum, _) in zip(bns, saved):
+    for m, momentum in zip(bns, saved):
         m.momentum = momentum
 
 
-def fit(model, data, cfg, *, epochs, lr, patience, seed, teacher=None, desc="", progress=True):
-    """Adam + cosine schedule, validation mDICE each epoch, early stopping; restores the best.
+def make_optimizer(model: nn.Module, recipe, lr: float, name: str) -> torch.optim.Optimizer:
+    """Adam or SGD (momentum) over the trainable parameters; weight decay on weight tensors
+    only (ndim > 1), not on biases, norms or quantizer steps/offsets."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum)
+    raise ValueError(f"Recipe optimizer must be 'adam' or 'sgd', got {name!r}")
 
-    data: (train_x, train_y, val_x, val_y) on the device.  teacher: the frozen FP32 model
-    for Q-ADA (taps: the decoder stage outputs, see q2ext.demo docs).  Returns the history:
-    steps/mdice per epoch (epoch 0 = before training), best, best_step, energies per epoch,
-    alpha per epoch (GBFusion nodes), seconds.
+
+def _alphas(task, model) -> list:
+    return [m.alpha.tolist() for _, m in task.fusion_nodes(model) if isinstance(m, GBFusion)]
+
+
+def fit(model, task, splits, recipe, *, lr: float, epochs: int, seed: int, distiller=None, desc: str = "",
+        progress: bool = True, early_stopping: bool = True, qat: bool = True) -> dict:
+    """Train `model` on splits["train"] with `recipe` (cosine schedule from `lr` over `epochs`),
+    score splits["val"] every 1/evals_per_epoch epoch, stop early after ``recipe.patience``
+    points without improvement (with `early_stopping`), and restore the best point's state.
+
+    distiller: a :class:`q2ext.Q2Distiller` whose term is added to the task loss.  qat: the
+    QAT phase (its optimizer is ``recipe.qat_optimizer`` when set), else pretraining.
+    Returns the history: "steps" and "val" per validation point (point 0 before training),
+    "energy" per point ([[G_i] per node], mean over the steps since the previous point),
+    "alpha" per point (GBFusion nodes), "aux" (mean distillation term per point), and best,
+    best_step, steps_run, seconds.
     """
     from tqdm.auto import tqdm
 
-    xt, yt, xv, yv = data
+    xt, yt = splits["train"]
+    xv, yv = splits["val"]
     device = xt.device
-    gen = torch.Generator().manual_seed(seed + 7919)
-    steps_per_epoch = max(1, len(xt) // cfg.batch_size)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    probe = EnergyProbe(model, device)
-    distiller = None
-    if teacher is not None:
-        taps = [f"decoders.{i}" for i in range(cfg.depth)]
-        distiller = q2ext.Q2Distiller(model, teacher, taps=taps, weight=cfg.ada_weight,
-                                      divergence=cfg.ada_divergence, normalize=cfg.ada_normalize)
-    hist = {"steps": [0], "mdice": [mdice(model, xv, yv)], "energy": [], "alpha": [], "ada_loss": []}
-    best, best_step, best_state, bad = hist["mdice"][0], 0, copy.deepcopy(model.state_dict()), 0
-    start, step = time.perf_counter(), 0
-    bar = tqdm(range(1, epochs + 1), desc=desc, leave=False, disable=not progress, unit="ep")
-    for ep in bar:
-        model.train()
-        perm = torch.randperm(len(xt), generator=gen).to(device)
-        ada_sum = torch.zeros((), device=device)
+    steps_per_epoch = max(1, len(xt) // recipe.batch_size)
+    eval_every = max(1, steps_per_epoch // recipe.evals_per_epoch)
+    total = epochs * steps_per_epoch
+    opt = make_optimizer(model, recipe, lr, (recipe.qat_optimizer or recipe.optimizer) if qat else recipe.optimizer)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+    gen = data_generator(seed)
+    probe = EnergyProbe(model, task, device)
+    score = task.evaluate(model, xv, yv)["score"]
+    hist = {"steps": [0], "val": [score], "energy": [], "alpha": [_alphas(task, model)], "aux": []}
+    best, best_step, best_state, bad = score, 0, copy.deepcopy(model.state_dict()), 0
+    aux_sum = torch.zeros((), device=device)
+    start, step, stop = time.perf_counter(), 0, False
+    bar = tqdm(total=total, desc=desc, leave=False, disable=not progress, unit="step")
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=gen)
         for s in range(steps_per_epoch):
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            x, y = xt[idx], yt[idx]
-            loss = F.cross_entropy(model(x), y)
+            idx = perm[s * recipe.batch_size:(s + 1) * recipe.batch_size]
+            x, y = task.augment(xt[idx.to(device)], task.select(yt, idx), gen)
+            model.train()
+            loss = task.loss(model, x, y)
             if distiller is not None:
-                ada = distiller(x)
-                ada_sum += ada.detach()
-                loss = loss + ada
+                aux = distiller(x)
+                aux_sum += aux.detach()
+                loss = loss + aux
             opt.zero_grad(set_to_none=True)
             loss.backward()
             probe.step()
             opt.step()
             sched.step()
             step += 1
-        score = mdice(model, xv, yv)
-        hist["steps"].append(step)
-        hist["mdice"].append(score)
-        hist["energy"].append(probe.epoch())
-        hist["ada_loss"].append(float(ada_sum) / steps_per_epoch)
-        hist["alpha"].append([m.alpha.tolist() for _, m in fusion_nodes(model) if isinstance(m, GBFusion)])
-        bar.set_postfix(mdice=f"{score:.1f}", best=f"{max(best, score):.1f}")
-        if score > best:
-            best, best_step, bad = score, step, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad += 1
-            if bad >= patience:
-                break
+            bar.update(1)
+            if step % eval_every and step != total:
+                continue
+            score = task.evaluate(model, xv, yv)["score"]
+            points = step - hist["steps"][-1]
+            hist["steps"].append(step)
+            hist["val"].append(score)
+            hist["energy"].append(probe.take())
+            hist["alpha"].append(_alphas(task, model))
+            hist["aux"].append(float(aux_sum) / points)
+            aux_sum.zero_()
+            bar.set_postfix(val=f"{score:.1f}", best=f"{max(best, score):.1f}")
+            if score > best:
+                best, best_step, bad = score, step, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad += 1
+                if early_stopping and bad >= recipe.patience:
+                    stop = True
+                    break
+        if stop:
+            break
     bar.close()
     probe.remove()
-    if distiller is not None:
-        distiller.remove()  # hooks hold closures: the model must be hook-free to be pickled
     model.load_state_dict(best_state)
-    hist.update(best=best, best_step=best_step, seconds=time.perf_counter() - start,
-                steps_per_epoch=steps_per_epoch, epochs_run=len(hist["steps"]) - 1,
-                balance_ratio=balance_ratio(hist["energy"][-1]) if hist["energy"] else math.nan,
-                deep_over_skip=_deep_over_skip(hist["energy"][-1]) if hist["energy"] else math.nan)
+    hist.update(best=best, best_step=best_step, steps_run=step, total_steps=total, steps_per_epoch=steps_per_epoch,
+                seconds=time.perf_counter() - start, early_stopped=stop)
     return hist
 
 
-def _deep_over_skip(energies) -> float:
-    """Mean over nodes of G_up / G_skip (> 1: the deep branch gets more gradient)."""
-    return sum(e[0] / e[1] if e[1] > 0 else math.inf for e in energies) / len(energies)
+def balance_ratio(energies) -> float:
+    """Mean over nodes of max_i G_i / min_i G_i (1 = perfectly balanced)."""
+    ratios = [max(e) / min(e) if min(e) > 0 else math.inf for e in energies]
+    return sum(ratios) / len(ratios) if ratios else math.nan

@@ -115,11 +115,14 @@ class DetTask(Task):
     def select(self, targets, index: torch.Tensor):
         return [targets[i] for i in index.tolist()]
 
+    def class_logits(self, output) -> list:
+        return [level[:, :NUM_CLASSES] for level in output]
+
     def qconfig(self, bits: int, quantizer: str):
         """W<bits>A<bits>; the stem conv (first layer, by QConfig's rule) and all three
         heads' predictors stay 8 bit - the last-layer rule of the paper, per level."""
         return QConfig(w_bits=bits, a_bits=bits, a_quantizer=quantizer,
-                             overrides={"heads.*.pred": {"w_bits": 8, "a_bits": 8}})
+                       overrides={"heads.*.pred": {"w_bits": 8, "a_bits": 8}})
 
 
 def score_detections(dets: list, targets: list) -> dict:
