@@ -8,7 +8,7 @@ kernels, autograd) -> ``reference`` (the oracle) -> ``_ext`` (loads the kernels)
 ``backend`` (picks one) -> ``ops`` (public functions) -> ``nn`` (modules) -> ``passes``
 (prepare, insert/fold, convert, export) -> ``demo``, ``benchmarks``, ``cli``.
 """
-from . import _ext, backend, nn, ops, passes, reference
+from . import _ext, backend, nn, ops, passes, reference  # noqa: F401 (_ext registers the ops on import)
 from ._ext import cpu_isa, has_compiled, set_cpu_isa
 from .nn import Q2Distiller, calibrate, gradient_energy_report
 from .passes.checkpoint import load_checkpoint, save_checkpoint

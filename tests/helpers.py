@@ -8,6 +8,8 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 import q2ext
@@ -468,3 +470,20 @@ def opcheck_cases(device):
         (torch.ops.q2ext.w4a16_mm, (x.bfloat16(), wp4, s, z, 32)),
     ]
     return [(op, tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in args)) for op, args in cases]
+
+
+class TinyUNet(nn.Module):
+    """One encoder level, an upsampled deep path and a skip concatenated: one fusion node."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.enc, self.bn_e = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.down, self.bn_d = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.fuse, self.bn_f = nn.Conv2d(24, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x):
+        skip = F.relu(self.bn_e(self.enc(x)))
+        deep = F.relu(self.bn_d(self.down(skip)))
+        h = torch.cat([skip, F.interpolate(deep, scale_factor=2.0)], 1)
+        return self.head(F.relu(self.bn_f(self.fuse(h))))

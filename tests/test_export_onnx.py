@@ -245,7 +245,7 @@ def test_calibrated_gbfusion(tmp_path):
     """A Q-GBFusion node with calibrated constants exports as float ops between Q/DQ pairs."""
     import warnings
 
-    from test_gb_fusion_convert import TinyUNet
+    from helpers import TinyUNet
 
     torch.manual_seed(5)
     x = torch.randn(4, 3, 16, 16)

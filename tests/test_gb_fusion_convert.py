@@ -15,25 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import q2ext
+from helpers import TinyUNet
 from q2ext.nn import GBFusion, Int8Conv2d
 from q2ext.nn import FixedFusion
-
-
-class TinyUNet(nn.Module):
-    """One encoder level, an upsampled deep path and a skip concatenated: one fusion node."""
-
-    def __init__(self):
-        super().__init__()
-        self.enc, self.bn_e = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.down, self.bn_d = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16)
-        self.fuse, self.bn_f = nn.Conv2d(24, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.head = nn.Conv2d(8, 5, 1)
-
-    def forward(self, x):
-        skip = F.relu(self.bn_e(self.enc(x)))
-        deep = F.relu(self.bn_d(self.down(skip)))
-        h = torch.cat([skip, F.interpolate(deep, scale_factor=2.0)], 1)
-        return self.head(F.relu(self.bn_f(self.fuse(h))))
 
 
 def _qat(model, x, qconfig, steps=4):

@@ -4,28 +4,13 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import q2ext
+from helpers import TinyUNet
 from q2ext.nn import FixedFusion, GBFusion
 
 pytestmark = pytest.mark.filterwarnings("ignore:insert_gbfusion rewrote the root module")
-
-
-class TinyUNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.enc, self.bn_e = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.down, self.bn_d = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16)
-        self.fuse, self.bn_f = nn.Conv2d(24, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.head = nn.Conv2d(8, 3, 1)
-
-    def forward(self, x):
-        skip = F.relu(self.bn_e(self.enc(x)))
-        deep = F.relu(self.bn_d(self.down(skip)))
-        h = torch.cat([skip, F.interpolate(deep, scale_factor=2.0)], 1)
-        return self.head(F.relu(self.bn_f(self.fuse(h))))
 
 
 def _batch(gen, n=8, hw=16):
@@ -46,7 +31,7 @@ def trained():
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     train = [_batch(gen) for _ in range(6)]
-    model = q2ext.insert_gbfusion(TinyUNet(), example_inputs=(train[0][0],)).model
+    model = q2ext.insert_gbfusion(TinyUNet(classes=3), example_inputs=(train[0][0],)).model
     qat = q2ext.prepare(model, q2ext.QConfig(w_bits=8, a_bits=8, a_quantizer="lsq"))
     opt = torch.optim.Adam(qat.parameters(), lr=1e-2)
     qat.train()

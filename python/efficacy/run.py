@@ -5,7 +5,8 @@ settings under which Q² works (bench/RESULTS.md, demo section, lists what was t
     PYTHONPATH=. python python/efficacy/run.py --tag eta --arms E,A,B --seeds 0 \\
         --cfg gbf_eta=0.2 --spec widths="(8,12,16,24,32)" --recipe qat_lr=5e-4
 
---cfg sets DemoConfig fields, --spec SegSpec fields (--data UltrasoundConfig fields), --recipe
+--task seg|det; --cfg sets DemoConfig fields, --spec SegSpec fields (DetConfig with --task det),
+--data UltrasoundConfig fields (SceneConfig with --task det), --recipe
 Recipe fields; values are Python literals.  Selection is on validation only: the record keeps
 the test scores too, but the sweep scripts choose settings by validation scores.
 """
@@ -62,11 +63,12 @@ def record(results: dict) -> dict:
 def main(argv=None) -> int:
     from q2ext.demo.config import DemoConfig
     from q2ext.demo.protocol import run
-    from q2ext.demo.seg.data import UltrasoundConfig
+    from q2ext.demo.det.task import DetTask
     from q2ext.demo.seg.task import SegSpec, SegTask
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tag", required=True)
+    p.add_argument("--task", choices=("seg", "det"), default="seg")
     p.add_argument("--arms", default="E,A,B,C,G")
     p.add_argument("--seeds", default="0")
     p.add_argument("--bits", type=int, default=4)
@@ -80,18 +82,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    spec = SegSpec()
     spec_changes, data_changes = _pairs(args.spec), _pairs(args.data)
-    if data_changes:
-        spec_changes["data"] = dataclasses.replace(spec.data, **data_changes)
-    spec = dataclasses.replace(spec, **spec_changes)
+    if args.task == "seg":
+        spec = SegSpec()
+        if data_changes:
+            spec_changes["data"] = dataclasses.replace(spec.data, **data_changes)
+        task = SegTask(dataclasses.replace(spec, **spec_changes))
+    else:
+        task = DetTask()
+        if data_changes:
+            spec_changes["scene"] = dataclasses.replace(task.cfg.scene, **data_changes)
+        task = DetTask(**spec_changes)
     cfg = DemoConfig(seeds=tuple(int(s) for s in args.seeds.split(",")), bits=args.bits,
                      arms=tuple(args.arms.split(",")), deploy=False, save_models=False,
                      recipe=_pairs(args.recipe), **_pairs(args.cfg))
     start = time.time()
     results = run(cfg, HERE / "out", progress=args.progress, log=lambda *a: print(*a, file=sys.stderr),
-                  task=SegTask(spec))
-    rec = {"tag": args.tag, "when": time.strftime("%Y-%m-%d %H:%M"), "bits": args.bits, "seeds": list(cfg.seeds),
+                  task=task)
+    rec = {"tag": args.tag, "task": args.task, "when": time.strftime("%Y-%m-%d %H:%M"), "bits": args.bits, "seeds": list(cfg.seeds),
            "cfg": _pairs(args.cfg), "spec": _pairs(args.spec), "data": data_changes, "recipe": _pairs(args.recipe),
            "threads": args.threads, **record(results), "elapsed": time.time() - start}
     with open(args.log, "a") as f:

@@ -10,8 +10,11 @@ the report gives paired per-seed deltas, the gradient-energy premise check, alph
 trajectories and convergence (q2ext.demo.summary, q2ext.demo.report).
 
 Tasks (q2ext.demo.config.TASKS): "seg", ultrasound-like lesion segmentation
-(q2ext.demo.seg).  Needs matplotlib, torchmetrics and tqdm (``pip install q2ext[demo]``);
-they are imported only when the demo runs, so ``import q2ext`` never needs them.
+(q2ext.demo.seg); "det", FPN + PAN FCOS-style detection of procedural scenes
+(q2ext.demo.det).  The deployment check (q2ext.demo.deploy) converts a W8A8 model every
+way.  Needs matplotlib, torchmetrics and tqdm (``pip install q2ext[demo]``; det also
+torchvision and pycocotools); they are imported only when the demo runs, so ``import q2ext``
+never needs them.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from torch import nn
 import q2ext
 from q2ext.nn import GBFusion, LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, QUANT_LAYERS
 
+from ..passes._surgery import eval_no_grad
 from .train import reestimate_bn
 
 ARMS = {
@@ -41,6 +42,16 @@ QUANTIZED = {"A", "B", "C", "G", "D", "H"}
 CONTROLLED = {"B", "C", "F", "H"}  # arms whose fusion nodes run the closed loop
 
 
+def _probe(model: nn.Module, batch, handles) -> None:
+    """One eval-mode, no-grad forward of `batch` for the hooks in `handles`, then removes them."""
+    try:
+        with eval_no_grad(model):
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _signed_input_layers(model: nn.Module, batch) -> list:
     """Names of the conv/linear layers whose input has a negative value on `batch`."""
     found, handles = set(), []
@@ -50,13 +61,7 @@ def _signed_input_layers(model: nn.Module, batch) -> list:
                 if bool((args[0] < 0).any()):
                     found.add(name)
             handles.append(m.register_forward_pre_hook(hook))
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        model(batch)
-    model.train(was)
-    for h in handles:
-        h.remove()
+    _probe(model, batch, handles)
     return sorted(found)
 
 
@@ -142,12 +147,6 @@ def post_fusion_grids(model: nn.Module, task, batch) -> dict:
                     if args and args[0] is out:
                         consumers.setdefault(node, mod)
             handles.append(m.register_forward_pre_hook(pre))
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        model(batch)
-    model.train(was)
-    for h in handles:
-        h.remove()
+    _probe(model, batch, handles)
     return {node: _grid(getattr(consumers[node], "input_quantizer", None)) if node in consumers else "float"
             for node, _ in task.fusion_nodes(model)}
