@@ -127,6 +127,7 @@ def run_seed(task, cfg: DemoConfig, recipe, splits, seed: int, out_dir: Path, pr
     each arm (history + test scores), "start" (the energy probes), "grids", "tau_fp",
     "node_names"."""
     fp_seed = seed if cfg.fp_seed is None else cfg.fp_seed
+    memo = {} if memo is None else memo
     fp_ln, ln_hist = pretrain(task, cfg, recipe, splits, fp_seed, True, progress, log, memo)
     arms = arm_list(cfg)
     fp_plain, plain_hist = (pretrain(task, cfg, recipe, splits, fp_seed, False, progress, log, memo) if "G" in arms
@@ -135,7 +136,17 @@ def run_seed(task, cfg: DemoConfig, recipe, splits, seed: int, out_dir: Path, pr
     bs = recipe.batch_size
     calib = [xt[i * bs:(i + 1) * bs] for i in range(cfg.calib_batches)]
     probe = dict(images=xt, targets=yt, batch_size=bs, batches=cfg.probe_batches)
-    start = {"FP32-LN": probe_energy(fp_ln, task, **probe)}
+
+    def checkpoint_numbers(model):
+        """(energy probe, test scores) of an FP32 checkpoint: deterministic, so computed
+        once per run for the seeds that share it."""
+        key = ("numbers", id(model))
+        if key not in memo:
+            memo[key] = (probe_energy(model, task, **probe), task.evaluate(model, *splits["test"]))
+        return memo[key]
+
+    ln_probe, ln_test = checkpoint_numbers(fp_ln)
+    start = {"FP32-LN": ln_probe}
 
     def qconfig(float_model):
         return arms_mod.qconfig(task, float_model, cfg.bits, cfg.quantizer, calib[0], cfg.w_per_channel,
@@ -143,11 +154,12 @@ def run_seed(task, cfg: DemoConfig, recipe, splits, seed: int, out_dir: Path, pr
 
     ctx = {"task": task, "cfg": cfg, "fp_ln": fp_ln, "fp_plain": fp_plain, "calib": calib,
            "qconfig_ln": qconfig(fp_ln), "tau_fp": _log_offsets(start["FP32-LN"])}
-    runs = {"FP32-LN": dict(ln_hist, test=task.evaluate(fp_ln, *splits["test"]))}
+    runs = {"FP32-LN": dict(ln_hist, test=ln_test)}
     if fp_plain is not None:
-        start["FP32"] = probe_energy(fp_plain, task, **probe)
+        plain_probe, plain_test = checkpoint_numbers(fp_plain)
+        start["FP32"] = plain_probe
         ctx["qconfig_plain"] = qconfig(fp_plain)
-        runs["FP32"] = dict(plain_hist, test=task.evaluate(fp_plain, *splits["test"]))
+        runs["FP32"] = dict(plain_hist, test=plain_test)
     grids = {}
     for arm in arms:
         model, teacher = arms_mod.build_arm(arm, ctx)
