@@ -15,7 +15,7 @@ pytest.importorskip("torchmetrics")
 pytest.importorskip("tqdm")
 
 from q2ext.cli import main  # noqa: E402
-from q2ext.demo.config import TASK_CHOICES, TASKS  # noqa: E402
+from q2ext.demo.config import TASK_CHOICES, TASKS, DemoConfig  # noqa: E402
 from q2ext.demo.seg.data import NUM_CLASSES, UltrasoundConfig, generate  # noqa: E402
 from q2ext.demo.seg.task import SegTask  # noqa: E402
 from q2ext.demo.stats import area_under_curve, ema, paired, steps_to_reach  # noqa: E402
@@ -202,6 +202,13 @@ def test_cli_bad_options(args, option, tmp_path, capsys):
         raise SystemExit(code)
     assert exc.value.code == 2
     assert option in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field", ["deploy_finetune_steps", "deploy_finetune_batches", "deploy_epochs"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_config_rejects_bad_deployment_sizes(field, value):
+    with pytest.raises(ValueError, match=field):
+        DemoConfig(**{field: value})
 
 
 def test_every_task_choice_is_registered():

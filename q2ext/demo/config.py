@@ -70,6 +70,13 @@ class DemoConfig:
     save_models: bool = True
     arms: tuple | None = None  # None: E, A, B, C, G (+ D, F, H with `full`); exploration runs pick a subset
 
+    def __post_init__(self):
+        # Checked here, not when the deployment check reaches them after every arm has trained.
+        for name in ("deploy_finetune_steps", "deploy_finetune_batches", "deploy_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"DemoConfig: {name} must be an int >= 1, got {v!r}")
+
     def replace(self, **changes) -> "DemoConfig":
         return dataclasses.replace(self, **changes)
 
